@@ -1,0 +1,134 @@
+"""Command line: validate, run, bootstrap."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("controlplane")
+
+
+def _load_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: invalid config ({len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''}):", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.files:
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            failed += 1
+            print(f"{path}: invalid ({len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''})", file=sys.stderr)
+            for line in exc.errors:
+                print(f"  {line}", file=sys.stderr)
+            continue
+        backends = sum(len(p.backends) for p in config.pools.values())
+        print(f"{path}: ok ({len(config.pools)} pools, {backends} backends)")
+    return 1 if failed else 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    from .bootstrap import bootstrap
+
+    config = _load_or_exit(args.config)
+    content = json.dumps(
+        bootstrap(config, args.node_id, xds_host=args.xds_host, admin_address=args.admin_address), indent=2
+    )
+    if args.output == "-":
+        print(content)
+    else:
+        Path(args.output).write_text(content + "\n", encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    return asyncio.run(_run(args, config))
+
+
+async def _run(args: argparse.Namespace, config: Config) -> int:
+    from .app import App
+    from .demo import start_mock_backends, stop_processes
+
+    state_dir = Path(args.state_dir)
+    mocks = start_mock_backends(config, state_dir) if args.mock_backends else []
+    app = App(Path(args.config), config, state_dir=state_dir, run_envoy=not args.no_envoy, node_id=args.node_id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except Exception as exc:
+        log.error("cannot start: %s", exc)
+        await app.stop()
+        stop_processes(mocks)
+        return 1
+    listener = config.envoy.listener
+    first_prefix = next(iter(config.pools.values())).match.prefix
+    print(
+        f"\nReady. Point apps at http://{listener}{first_prefix.rstrip('/')}  "
+        f"(status: http://{config.controlplane.api}/v1/status)\n"
+        f"  curl -s http://{listener}/v1/chat/completions -H 'content-type: application/json' \\\n"
+        f"    -d '{{\"model\": \"any\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}]}}'\n"
+        f"Edit {args.config} to retune the running system; Ctrl-C stops everything.\n",
+        flush=True,
+    )
+    await stop.wait()
+    log.info("stopping")
+    await app.stop()
+    stop_processes(mocks)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="controlplane", description="xDS control plane for Envoy in front of LLM backends")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check config files; exit 1 listing every error")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="serve xDS and supervise a local Envoy")
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--no-envoy", action="store_true", help="serve external Envoys only (e.g. compose)")
+    p.add_argument("--state-dir", default="state", help="bootstrap, Envoy log and state (default: ./state)")
+    p.add_argument("--node-id", default="llm-lb-local")
+    p.add_argument("--mock-backends", action="store_true", help="also start mock backends for loopback http backends")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bootstrap", help="write the bootstrap for an Envoy that runs on its own")
+    p.add_argument("--config", required=True, metavar="FILE")
+    p.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
+    p.add_argument("--node-id", default="llm-lb-envoy")
+    p.add_argument("--xds-host", default=None, help="where Envoy finds the control plane (default: controlplane.xds.address)")
+    p.add_argument("--admin-address", default=None, help="admin bind address (default: envoy.admin.address)")
+    p.set_defaults(func=cmd_bootstrap)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Prometheus metrics, read from the live state at scrape time (nothing to keep in sync)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .xds import types
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+class AppCollector(Collector):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        app = self.app
+        state = app.state
+        reloads = CounterMetricFamily("llm_lb_config_reloads", "Config file edits, by outcome", labels=["result"])
+        reloads.add_metric(["applied"], state.reloads)
+        reloads.add_metric(["rejected"], state.rejected)
+        yield reloads
+        yield GaugeMetricFamily(
+            "llm_lb_config_last_edit_ok", "1 if the file on disk is the live config, 0 if its last edit was rejected",
+            value=0 if state.errors else 1,
+        )
+        for name, counter, help_text in (
+            ("llm_lb_xds_pushes", app.ads.stats.pushes, "xDS responses sent"),
+            ("llm_lb_xds_acks", app.ads.stats.acks, "xDS responses Envoy accepted"),
+            ("llm_lb_xds_nacks", app.ads.stats.nacks, "xDS responses Envoy rejected"),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["type"])
+            for short in types.SHORT.values():
+                family.add_metric([short], counter.get(short, 0))
+            yield family
+        yield GaugeMetricFamily(
+            "llm_lb_envoys_connected", "Envoy nodes with an open ADS stream",
+            value=sum(1 for n in app.ads.nodes.values() if n.streams > 0),
+        )
+        yield GaugeMetricFamily(
+            "llm_lb_envoys_in_sync", "Envoy nodes that accepted the current snapshot", value=len(app.ads.in_sync())
+        )
+        weight = GaugeMetricFamily("llm_lb_backend_weight", "Endpoint weight pushed to Envoy", labels=["pool", "backend"])
+        for pool, backends in app.weights.items():
+            for backend, value in backends.items():
+                weight.add_metric([pool, backend], value)
+        yield weight
+        restarts = CounterMetricFamily("llm_lb_envoy_restarts", "Times the supervised Envoy was restarted")
+        restarts.add_metric([], app.envoy.restarts if app.envoy else 0)
+        yield restarts
+
+
+def registry_for(app: App) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AppCollector(app))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,1 @@
+"""Weights per backend: from configured weights today; from telemetry as strategies grow."""

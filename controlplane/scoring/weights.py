@@ -1,0 +1,22 @@
+"""Each pool's strategy turns backends into Envoy endpoint weights.
+
+Strategies here use only the config; the telemetry-driven ones plug in beside
+them. Nothing in scoring knows about protobufs or gRPC.
+"""
+
+from __future__ import annotations
+
+from ..config import Config, Pool
+
+Weights = dict[str, dict[str, int]]  # pool -> backend -> weight
+
+
+def pool_weights(pool: Pool) -> dict[str, int]:
+    if pool.strategy == "round_robin":
+        return {name: 1 for name in pool.backends}
+    # weighted and least_request both honour the operator's weights
+    return {name: backend.weight for name, backend in pool.backends.items()}
+
+
+def config_weights(config: Config) -> Weights:
+    return {name: pool_weights(pool) for name, pool in config.pools.items()}

@@ -1,0 +1,1 @@
+"""Envoy-facing side: pure resource builders, versioned snapshots, the ADS server."""

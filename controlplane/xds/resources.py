@@ -1,0 +1,279 @@
+"""Pure builders: the config model (plus weights and resolved addresses) -> Envoy protobufs.
+
+Nothing here does I/O. Envoy's vocabulary lives only in this module, so a new
+Envoy feature touches one builder and its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf.message import Message
+
+from ..config import Config, Pool
+from . import types
+
+LISTENER_NAME = "ingress"
+ROUTE_NAME = "ingress"
+# Endpoint metadata namespace: backend identity and its upstream credential.
+METADATA_NS = "llm_lb"
+_TLS_MATCH_NS = "envoy.transport_socket_match"
+
+Weights = Mapping[str, Mapping[str, int]]  # pool -> backend -> weight
+Addresses = Mapping[str, str]  # backend host name -> IP address
+
+
+def _any(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _duration(value: timedelta) -> duration_pb2.Duration:
+    out = duration_pb2.Duration()
+    out.FromTimedelta(value)
+    return out
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.ApiVersion.V3,
+    )
+
+
+def _struct(values: Mapping[str, object]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(dict(values))
+    return out
+
+
+def build(config: Config, weights: Weights, addresses: Addresses) -> dict[str, dict[str, Message]]:
+    """Every resource Envoy needs, keyed by type URL and resource name."""
+    clusters = {name: cluster(name, pool, config) for name, pool in config.pools.items()}
+    endpoints = {
+        name: load_assignment(name, pool, weights.get(name, {}), addresses)
+        for name, pool in config.pools.items()
+    }
+    return {
+        types.CLUSTER: clusters,
+        types.ENDPOINT: endpoints,
+        types.LISTENER: {LISTENER_NAME: listener(config)},
+        types.ROUTE: {ROUTE_NAME: route_configuration(config)},
+    }
+
+
+def listener(config: Config) -> listener_pb2.Listener:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=LISTENER_NAME,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
+        http_filters=[
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))
+        ],
+        always_set_request_id_in_response=True,
+    )
+    addr = config.envoy.listener
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(address=addr.address, port_value=addr.port)
+        ),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=_any(manager),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def route_configuration(config: Config) -> route_pb2.RouteConfiguration:
+    """One route per pool; the longest prefix is tried first so specific pools win."""
+    ordered = sorted(config.pools.items(), key=lambda item: (-len(item[1].match.prefix), item[0]))
+    routes = [
+        route_components_pb2.Route(
+            name=name,
+            match=route_components_pb2.RouteMatch(prefix=pool.match.prefix),
+            route=route_components_pb2.RouteAction(
+                cluster=name,
+                timeout=_duration(pool.timeout),
+                auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
+                retry_policy=_retry_policy(),
+            ),
+        )
+        for name, pool in ordered
+    ]
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_NAME,
+        virtual_hosts=[route_components_pb2.VirtualHost(name="pools", domains=["*"], routes=routes)],
+    )
+
+
+def _retry_policy() -> route_components_pb2.RetryPolicy:
+    """Retry what never reached a backend, always on another host."""
+    return route_components_pb2.RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset",
+        num_retries=wrappers_pb2.UInt32Value(value=2),
+        retry_host_predicate=[
+            route_components_pb2.RetryPolicy.RetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_any_by_name(
+                    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                ),
+            )
+        ],
+        host_selection_retry_max_attempts=5,
+    )
+
+
+def _any_by_name(full_name: str) -> any_pb2.Any:
+    """An empty typed config, for extensions whose config message has no fields."""
+    return any_pb2.Any(type_url=f"type.googleapis.com/{full_name}")
+
+
+def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
+    any_tls = any(b.tls for b in pool.backends.values())
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http_protocol_options=protocol_pb2.Http1ProtocolOptions()
+        ),
+        http_filters=[*_credential_filters(pool), _upstream_codec()],
+    )
+    if any_tls:
+        # SNI and certificate check follow each endpoint's own host name.
+        options.upstream_http_protocol_options.auto_sni = True
+        options.upstream_http_protocol_options.auto_san_validation = True
+    lb_policy = (
+        cluster_pb2.Cluster.LEAST_REQUEST if pool.strategy == "least_request" else cluster_pb2.Cluster.ROUND_ROBIN
+    )
+    out = cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
+        connect_timeout=_duration(pool.connect_timeout),
+        lb_policy=lb_policy,
+        # Weight changes apply at once instead of being batched for a second.
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(update_merge_window=duration_pb2.Duration()),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(options)
+        },
+    )
+    if any_tls:
+        out.transport_socket_matches.append(
+            cluster_pb2.Cluster.TransportSocketMatch(
+                name="tls",
+                match=_struct({"tls": True}),
+                transport_socket=base_pb2.TransportSocket(
+                    name="envoy.transport_sockets.tls",
+                    typed_config=_any(_upstream_tls(config.envoy.ca_file)),
+                ),
+            )
+        )
+    return out
+
+
+def _upstream_tls(ca_file: str) -> tls_pb2.UpstreamTlsContext:
+    return tls_pb2.UpstreamTlsContext(
+        common_tls_context=tls_common_pb2.CommonTlsContext(
+            validation_context=tls_common_pb2.CertificateValidationContext(
+                trusted_ca=base_pb2.DataSource(filename=ca_file)
+            )
+        )
+    )
+
+
+def _credential_filters(pool: Pool) -> list[hcm_pb2.HttpFilter]:
+    """One upstream header_mutation filter per credential header the pool's backends use.
+
+    Route-level header formatting runs before a host is chosen, so only an
+    upstream filter can read the chosen endpoint's metadata. Whatever the app
+    sent in that header is replaced.
+    """
+    headers = sorted({b.api_key_header for b in pool.backends.values() if b.api_key is not None})
+    return [
+        hcm_pb2.HttpFilter(
+            name=f"llm_lb.credential.{header}",
+            typed_config=_any(
+                header_mutation_pb2.HeaderMutation(
+                    mutations=header_mutation_pb2.Mutations(
+                        request_mutations=[
+                            mutation_rules_pb2.HeaderMutation(
+                                append=base_pb2.HeaderValueOption(
+                                    header=base_pb2.HeaderValue(
+                                        key=header, value=f"%UPSTREAM_METADATA({METADATA_NS}:{header})%"
+                                    ),
+                                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                                )
+                            )
+                        ]
+                    )
+                )
+            ),
+        )
+        for header in headers
+    ]
+
+
+def _upstream_codec() -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(
+        name="envoy.filters.http.upstream_codec", typed_config=_any(upstream_codec_pb2.UpstreamCodec())
+    )
+
+
+def load_assignment(
+    name: str, pool: Pool, weights: Mapping[str, int], addresses: Addresses
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """One locality per priority tier, in tier order; backends whose host is not resolved yet are left out."""
+    tiers: dict[int, list[endpoint_components_pb2.LbEndpoint]] = {}
+    for backend_name, backend in sorted(pool.backends.items()):
+        ip = addresses.get(backend.host)
+        if ip is None:
+            continue
+        metadata: dict[str, object] = {"pool": name, "backend": backend_name}
+        if backend.auth_value is not None:
+            metadata[backend.api_key_header] = backend.auth_value
+        filter_metadata = {METADATA_NS: _struct(metadata)}
+        if backend.tls:
+            filter_metadata[_TLS_MATCH_NS] = _struct({"tls": True})
+        tiers.setdefault(backend.priority, []).append(
+            endpoint_components_pb2.LbEndpoint(
+                endpoint=endpoint_components_pb2.Endpoint(
+                    address=address_pb2.Address(
+                        socket_address=address_pb2.SocketAddress(address=ip, port_value=backend.port)
+                    ),
+                    hostname=backend.host,
+                ),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=weights.get(backend_name, backend.weight)),
+                metadata=base_pb2.Metadata(filter_metadata=filter_metadata),
+            )
+        )
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            # Envoy wants dense priorities (0..N, no gaps): tiers 0 and 2 become 0 and 1.
+            endpoint_components_pb2.LocalityLbEndpoints(priority=rank, lb_endpoints=lbs)
+            for rank, (_, lbs) in enumerate(sorted(tiers.items()))
+        ],
+    )
