@@ -112,13 +112,19 @@ class App:
     def _hosts(config: Config) -> set[str]:
         return {b.host for pool in config.pools.values() for b in pool.backends.values()}
 
-    def publish(self) -> Snapshot:
-        """Build and serve a snapshot of the live config; unchanged types keep their version."""
-        self.weights = config_weights(self.config)
-        snapshot = Snapshot.of(resources.build(self.config, self.weights, self.addresses))
+    def publish(self, config: Config | None = None) -> Snapshot:
+        """Build and serve a snapshot; unchanged types keep their version.
+
+        Raises before anything is served if the snapshot cannot be built, so
+        the caller can keep the last good config.
+        """
+        config = config or self.config
+        weights = config_weights(config)
+        snapshot = Snapshot.of(resources.build(config, weights, self.addresses))
         problems = snapshot.problems()
         if problems:  # a bug in the builders, never an operator error
             raise RuntimeError("inconsistent snapshot: " + "; ".join(problems))
+        self.weights = weights
         previous = self.cache.snapshot
         changed = [
             types.SHORT[t] for t in types.PUSH_ORDER if previous is None or previous.version(t) != snapshot.version(t)
@@ -128,7 +134,7 @@ class App:
             log.info("snapshot: %s changed (%s)", ", ".join(changed), _versions(snapshot))
         return self.cache.snapshot or snapshot
 
-    def reload(self) -> bool:
+    async def reload(self) -> bool:
         """Load the file if it changed; on any error keep the last good config live.
 
         Returns True only when a new config was applied.
@@ -150,6 +156,14 @@ class App:
         fixed = self._restart_only(new)
         if fixed:
             log.warning("%s: these changes need a restart and are not applied: %s", state.path, "; ".join(fixed))
+        if self._hosts(new) - set(self.addresses):
+            self.addresses = await resolver.resolve(self._hosts(new), self.addresses)
+        try:
+            self.publish(new)
+        except Exception as exc:  # noqa: BLE001 - never let a bug take the live config down
+            log.exception("cannot build Envoy resources for the edited config")
+            self._reject(f"{state.path}: cannot build Envoy resources: {exc}", digest)
+            return False
         state.config, state.digest = new, digest
         state.loaded_at, state.errors, state.rejected_digest = time.time(), [], ""
         state.reloads += 1
@@ -158,6 +172,8 @@ class App:
 
     def _reject(self, errors: str, digest: str) -> None:
         state = self.state
+        if state.errors == errors.splitlines() and state.rejected_digest == digest:
+            return  # the same problem as last poll: said once is enough
         state.errors = errors.splitlines()
         state.rejected_digest = digest
         state.rejected += 1
@@ -175,11 +191,7 @@ class App:
         while True:
             await asyncio.sleep(self.watch_interval)
             try:
-                if not self.reload():
-                    continue
-                if self._hosts(self.config) - set(self.addresses):
-                    self.addresses = await resolver.resolve(self._hosts(self.config), self.addresses)
-                self.publish()
+                await self.reload()
             except Exception:  # keep watching whatever one bad edit does
                 log.exception("config reload failed")
 

