@@ -140,7 +140,7 @@ class Backend(_Model):
                 "URL must be scheme://host[:port] only; the request path is forwarded as sent"
             )
         try:
-            parts.port
+            _ = parts.port  # raises on a bad port
         except ValueError:
             raise ValueError("URL port is not a number in 1..65535") from None
         return value

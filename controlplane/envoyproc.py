@@ -94,7 +94,7 @@ class EnvoyProcess:
             proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("envoy did not stop in %.0fs; killing it", timeout)
                 proc.kill()
                 await proc.wait()

@@ -16,25 +16,25 @@ from controlplane.xds.snapshot import Snapshot
 
 SECRET = "sk-unit-test-secret"
 
-CONFIG = f"""
+CONFIG = """
 envoy:
-  listener: {{address: 127.0.0.1, port: 10000}}
+  listener: {address: 127.0.0.1, port: 10000}
   ca_file: /etc/ssl/certs/ca-certificates.crt
 pools:
   chat:
-    match: {{prefix: /v1/}}
+    match: {prefix: /v1/}
     strategy: weighted
     timeout: 45s
     backends:
-      local-a: {{url: "http://127.0.0.1:9001", weight: 3}}
-      provider-b: {{url: "https://api.example.com", api_key: "${{KEY_B}}", weight: 1}}
-      fallback: {{url: "http://127.0.0.1:9003", priority: 2}}
-      claude: {{url: "https://api.anthropic.test", api_key: "${{KEY_B}}", api_key_header: x-api-key, priority: 2}}
+      local-a: {url: "http://127.0.0.1:9001", weight: 3}
+      provider-b: {url: "https://api.example.com", api_key: "${KEY_B}", weight: 1}
+      fallback: {url: "http://127.0.0.1:9003", priority: 2}
+      claude: {url: "https://api.anthropic.test", api_key: "${KEY_B}", api_key_header: x-api-key, priority: 2}
   rag:
-    match: {{prefix: /v1/rag/}}
+    match: {prefix: /v1/rag/}
     strategy: least_request
     backends:
-      r1: {{url: "http://127.0.0.1:7001"}}
+      r1: {url: "http://127.0.0.1:7001"}
 """
 ADDRESSES = {"127.0.0.1": "127.0.0.1", "api.example.com": "203.0.113.7", "api.anthropic.test": "203.0.113.8"}
 
