@@ -185,6 +185,8 @@ class App:
         for label, addr in new.listen_addresses().items():
             if label != "envoy.listener" and addr != old.listen_addresses()[label]:
                 out.append(f"{label} {old.listen_addresses()[label]} -> {addr}")
+        if new.envoy.listener.max_connections != old.envoy.listener.max_connections:
+            out.append("envoy.listener.max_connections (in Envoy's bootstrap)")
         return out
 
     async def _watch_config(self) -> None:

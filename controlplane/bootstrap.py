@@ -61,6 +61,19 @@ def bootstrap(
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
+        # Caps connections across all listeners (Envoy warns at start-up without it).
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors."
+                        "downstream_connections.v3.DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": config.envoy.listener.max_connections,
+                    },
+                }
+            ]
+        },
         "static_resources": {
             "clusters": [
                 {

@@ -84,8 +84,20 @@ class Address(_Model):
         return f"{self.address}:{self.port}"
 
 
+class ListenerSettings(Address):
+    """Where apps connect, and the limits that protect Envoy from them."""
+
+    port: int = Field(10000, ge=1, le=65535)
+    max_connections: int = Field(10000, ge=1)  # across all listeners (overload manager)
+    max_request_headers_kb: int = Field(60, ge=1, le=8192)
+    max_headers_count: int = Field(100, ge=1)
+    per_connection_buffer_limit_kb: int = Field(1024, ge=1)
+    request_headers_timeout: Duration = timedelta(seconds=10)
+    idle_timeout: Duration = timedelta(minutes=5)
+
+
 class EnvoySettings(_Model):
-    listener: Address = Address(port=10000)
+    listener: ListenerSettings = ListenerSettings()
     admin: Address = Address(port=9901)
     concurrency: int | None = Field(None, ge=1, le=64)
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "info"
@@ -107,6 +119,80 @@ class Match(_Model):
         if not value.startswith("/"):
             raise ValueError("prefix must start with '/'")
         return value
+
+
+class HealthCheck(_Model):
+    """Envoy's active HTTP checks; each endpoint is checked with its own Host header."""
+
+    path: str = "/health"
+    interval: Duration = timedelta(seconds=5)
+    timeout: Duration = timedelta(seconds=2)
+    healthy_threshold: int = Field(2, ge=1)
+    unhealthy_threshold: int = Field(2, ge=1)
+    expected_statuses: list[Annotated[int, Field(ge=100, le=599)]] = Field(default_factory=lambda: [200], min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _slash(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError("path must start with '/'")
+        return value
+
+
+class OutlierDetection(_Model):
+    """Passive ejection from real traffic: the fast path when a backend dies between checks."""
+
+    enabled: bool = True
+    consecutive_5xx: int = Field(5, ge=1)
+    consecutive_gateway_failure: int = Field(3, ge=1)
+    failure_percentage_threshold: int | None = Field(50, ge=1, le=100)
+    failure_percentage_request_volume: int = Field(20, ge=1)
+    failure_percentage_minimum_hosts: int = Field(2, ge=1)
+    success_rate_stdev_factor: float | None = Field(None, gt=0)
+    success_rate_request_volume: int = Field(50, ge=1)
+    success_rate_minimum_hosts: int = Field(3, ge=1)
+    interval: Duration = timedelta(seconds=2)
+    base_ejection_time: Duration = timedelta(seconds=15)
+    max_ejection_time: Duration = timedelta(minutes=5)
+    max_ejection_percent: int = Field(50, ge=0, le=100)
+
+
+class RetryBudget(_Model):
+    budget_percent: float = Field(25.0, gt=0, le=100)
+    min_retry_concurrency: int = Field(10, ge=1)
+
+
+class CircuitBreaker(_Model):
+    """Per pool (Envoy's default routing priority); overflow answers 503 at once."""
+
+    max_connections: int = Field(1024, ge=1)
+    max_pending_requests: int = Field(1024, ge=1)
+    max_requests: int = Field(1024, ge=1)
+    max_retries: int = Field(3, ge=0)  # used only when retry_budget is null
+    retry_budget: RetryBudget | None = RetryBudget()
+
+
+RetryOn = Literal[
+    "5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-status-codes",
+    "envoy-ratelimited", "http3-post-connect-failure",
+]
+
+
+class Backoff(_Model):
+    base_interval: Duration = timedelta(milliseconds=25)
+    max_interval: Duration = timedelta(milliseconds=250)
+
+
+class Retry(_Model):
+    """Retries always go to another host than the one that failed."""
+
+    attempts: int = Field(2, ge=0, le=10)
+    retry_on: list[RetryOn] = Field(
+        default_factory=lambda: ["5xx", "reset", "connect-failure", "refused-stream", "retriable-status-codes"]
+    )
+    retriable_status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(default_factory=lambda: [429])
+    per_try_timeout: Duration | None = None
+    backoff: Backoff = Backoff()
 
 
 class Cost(_Model):
@@ -171,7 +257,25 @@ class Pool(_Model):
     strategy: Strategy = "weighted"
     timeout: Duration = timedelta(seconds=60)
     connect_timeout: Duration = timedelta(seconds=5)
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection = OutlierDetection()
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
+    retry: Retry = Retry()
+    # Tier 0 takes min(100%, healthy% x factor) of traffic; the rest spills to tier 1.
+    overprovisioning_factor: float = Field(1.4, ge=1.0)
+    # Below this healthy share Envoy would also send to unhealthy hosts; 0 never does.
+    panic_threshold: float = Field(0.0, ge=0, le=100)
     backends: dict[Name, Backend] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _per_try_below_timeout(self) -> Pool:
+        per_try = self.retry.per_try_timeout
+        if per_try is not None and per_try >= self.timeout:
+            raise ValueError(
+                f"retry.per_try_timeout ({per_try.total_seconds():g}s) must be shorter than timeout "
+                f"({self.timeout.total_seconds():g}s), or no retry could ever start"
+            )
+        return self
 
 
 class Config(_Model):

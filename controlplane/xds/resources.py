@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import timedelta
 
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -24,10 +24,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from ..config import Config, Pool
+from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool, Retry
 from . import types
 
 LISTENER_NAME = "ingress"
@@ -38,6 +39,7 @@ _TLS_MATCH_NS = "envoy.transport_socket_match"
 
 Weights = Mapping[str, Mapping[str, int]]  # pool -> backend -> weight
 Addresses = Mapping[str, str]  # backend host name -> IP address
+Drained = frozenset[tuple[str, str]]  # (pool, backend) pairs taking no new requests
 
 
 def _any(message: Message) -> any_pb2.Any:
@@ -65,11 +67,15 @@ def _struct(values: Mapping[str, object]) -> struct_pb2.Struct:
     return out
 
 
-def build(config: Config, weights: Weights, addresses: Addresses) -> dict[str, dict[str, Message]]:
+def build(
+    config: Config, weights: Weights, addresses: Addresses, drained: Drained = frozenset()
+) -> dict[str, dict[str, Message]]:
     """Every resource Envoy needs, keyed by type URL and resource name."""
     clusters = {name: cluster(name, pool, config) for name, pool in config.pools.items()}
     endpoints = {
-        name: load_assignment(name, pool, weights.get(name, {}), addresses)
+        name: load_assignment(
+            name, pool, weights.get(name, {}), addresses, frozenset(b for p, b in drained if p == name)
+        )
         for name, pool in config.pools.items()
     }
     return {
@@ -81,6 +87,7 @@ def build(config: Config, weights: Weights, addresses: Addresses) -> dict[str, d
 
 
 def listener(config: Config) -> listener_pb2.Listener:
+    addr = config.envoy.listener
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=LISTENER_NAME,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -89,10 +96,17 @@ def listener(config: Config) -> listener_pb2.Listener:
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))
         ],
         always_set_request_id_in_response=True,
+        max_request_headers_kb=wrappers_pb2.UInt32Value(value=addr.max_request_headers_kb),
+        request_headers_timeout=_duration(addr.request_headers_timeout),
+        common_http_protocol_options=protocol_pb2.HttpProtocolOptions(
+            idle_timeout=_duration(addr.idle_timeout),
+            max_headers_count=wrappers_pb2.UInt32Value(value=addr.max_headers_count),
+            headers_with_underscores_action=protocol_pb2.HttpProtocolOptions.REJECT_REQUEST,
+        ),
     )
-    addr = config.envoy.listener
     return listener_pb2.Listener(
         name=LISTENER_NAME,
+        per_connection_buffer_limit_bytes=wrappers_pb2.UInt32Value(value=addr.per_connection_buffer_limit_kb * 1024),
         address=address_pb2.Address(
             socket_address=address_pb2.SocketAddress(address=addr.address, port_value=addr.port)
         ),
@@ -120,7 +134,7 @@ def route_configuration(config: Config) -> route_pb2.RouteConfiguration:
                 cluster=name,
                 timeout=_duration(pool.timeout),
                 auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
-                retry_policy=_retry_policy(),
+                retry_policy=retry_policy(pool.retry),
             ),
         )
         for name, pool in ordered
@@ -131,11 +145,19 @@ def route_configuration(config: Config) -> route_pb2.RouteConfiguration:
     )
 
 
-def _retry_policy() -> route_components_pb2.RetryPolicy:
-    """Retry what never reached a backend, always on another host."""
-    return route_components_pb2.RetryPolicy(
-        retry_on="connect-failure,refused-stream,reset",
-        num_retries=wrappers_pb2.UInt32Value(value=2),
+def retry_policy(retry: Retry) -> route_components_pb2.RetryPolicy:
+    """Retries always go to a host that has not failed this request yet, with back-off."""
+    retry_on = list(retry.retry_on)
+    if retry.retriable_status_codes and "retriable-status-codes" not in retry_on:
+        retry_on.append("retriable-status-codes")
+    policy = route_components_pb2.RetryPolicy(
+        retry_on=",".join(retry_on),
+        num_retries=wrappers_pb2.UInt32Value(value=retry.attempts),
+        retriable_status_codes=retry.retriable_status_codes,
+        retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+            base_interval=_duration(retry.backoff.base_interval),
+            max_interval=_duration(retry.backoff.max_interval),
+        ),
         retry_host_predicate=[
             route_components_pb2.RetryPolicy.RetryHostPredicate(
                 name="envoy.retry_host_predicates.previous_hosts",
@@ -146,6 +168,9 @@ def _retry_policy() -> route_components_pb2.RetryPolicy:
         ],
         host_selection_retry_max_attempts=5,
     )
+    if retry.per_try_timeout is not None:
+        policy.per_try_timeout.CopyFrom(_duration(retry.per_try_timeout))
+    return policy
 
 
 def _any_by_name(full_name: str) -> any_pb2.Any:
@@ -174,12 +199,20 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(), service_name=name),
         connect_timeout=_duration(pool.connect_timeout),
         lb_policy=lb_policy,
-        # Weight changes apply at once instead of being batched for a second.
-        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(update_merge_window=duration_pb2.Duration()),
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            # Weight changes apply at once instead of being batched for a second.
+            update_merge_window=duration_pb2.Duration(),
+            healthy_panic_threshold=percent_pb2.Percent(value=pool.panic_threshold),
+        ),
         typed_extension_protocol_options={
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(options)
         },
+        circuit_breakers=circuit_breakers(pool.circuit_breaker),
     )
+    if pool.outlier_detection.enabled:
+        out.outlier_detection.CopyFrom(outlier_detection(pool.outlier_detection))
+    if pool.health_check is not None:
+        out.health_checks.append(health_check(pool.health_check))
     if any_tls:
         out.transport_socket_matches.append(
             cluster_pb2.Cluster.TransportSocketMatch(
@@ -192,6 +225,66 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
             )
         )
     return out
+
+
+def health_check(check: HealthCheck) -> health_check_pb2.HealthCheck:
+    interval = _duration(check.interval)
+    return health_check_pb2.HealthCheck(
+        timeout=_duration(check.timeout),
+        interval=interval,
+        # Idle pools are checked as often as busy ones, so failover is ready before traffic comes.
+        no_traffic_interval=interval,
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=check.unhealthy_threshold),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=check.healthy_threshold),
+        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(
+            path=check.path,
+            expected_statuses=[range_pb2.Int64Range(start=code, end=code + 1) for code in check.expected_statuses],
+        ),
+    )
+
+
+def outlier_detection(od: OutlierDetection) -> outlier_detection_pb2.OutlierDetection:
+    def u32(value: int) -> wrappers_pb2.UInt32Value:
+        return wrappers_pb2.UInt32Value(value=value)
+
+    out = outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=u32(od.consecutive_5xx),
+        enforcing_consecutive_5xx=u32(100),
+        consecutive_gateway_failure=u32(od.consecutive_gateway_failure),
+        enforcing_consecutive_gateway_failure=u32(100),
+        interval=_duration(od.interval),
+        base_ejection_time=_duration(od.base_ejection_time),
+        max_ejection_time=_duration(od.max_ejection_time),
+        max_ejection_percent=u32(od.max_ejection_percent),
+        enforcing_success_rate=u32(100 if od.success_rate_stdev_factor else 0),
+        success_rate_request_volume=u32(od.success_rate_request_volume),
+        success_rate_minimum_hosts=u32(od.success_rate_minimum_hosts),
+        enforcing_failure_percentage=u32(100 if od.failure_percentage_threshold else 0),
+        failure_percentage_request_volume=u32(od.failure_percentage_request_volume),
+        failure_percentage_minimum_hosts=u32(od.failure_percentage_minimum_hosts),
+        # A host that passes its active check again takes traffic again.
+        successful_active_health_check_uneject_host=wrappers_pb2.BoolValue(value=True),
+    )
+    if od.success_rate_stdev_factor:
+        out.success_rate_stdev_factor.value = round(od.success_rate_stdev_factor * 1000)
+    if od.failure_percentage_threshold:
+        out.failure_percentage_threshold.value = od.failure_percentage_threshold
+    return out
+
+
+def circuit_breakers(cb: CircuitBreaker) -> circuit_breaker_pb2.CircuitBreakers:
+    thresholds = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        priority=base_pb2.RoutingPriority.DEFAULT,
+        max_connections=wrappers_pb2.UInt32Value(value=cb.max_connections),
+        max_pending_requests=wrappers_pb2.UInt32Value(value=cb.max_pending_requests),
+        max_requests=wrappers_pb2.UInt32Value(value=cb.max_requests),
+        max_retries=wrappers_pb2.UInt32Value(value=cb.max_retries),
+        track_remaining=True,
+    )
+    if cb.retry_budget is not None:
+        thresholds.retry_budget.budget_percent.value = cb.retry_budget.budget_percent
+        thresholds.retry_budget.min_retry_concurrency.value = cb.retry_budget.min_retry_concurrency
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
 
 
 def _upstream_tls(ca_file: str) -> tls_pb2.UpstreamTlsContext:
@@ -243,7 +336,7 @@ def _upstream_codec() -> hcm_pb2.HttpFilter:
 
 
 def load_assignment(
-    name: str, pool: Pool, weights: Mapping[str, int], addresses: Addresses
+    name: str, pool: Pool, weights: Mapping[str, int], addresses: Addresses, drained: frozenset[str] = frozenset()
 ) -> endpoint_pb2.ClusterLoadAssignment:
     """One locality per priority tier, in tier order; backends whose host is not resolved yet are left out."""
     tiers: dict[int, list[endpoint_components_pb2.LbEndpoint]] = {}
@@ -264,13 +357,19 @@ def load_assignment(
                         socket_address=address_pb2.SocketAddress(address=ip, port_value=backend.port)
                     ),
                     hostname=backend.host,
+                    health_check_config=endpoint_components_pb2.Endpoint.HealthCheckConfig(hostname=backend.host),
                 ),
                 load_balancing_weight=wrappers_pb2.UInt32Value(value=weights.get(backend_name, backend.weight)),
                 metadata=base_pb2.Metadata(filter_metadata=filter_metadata),
+                # Draining: no new requests; requests in flight finish on their open connections.
+                health_status=health_check_pb2.DRAINING if backend_name in drained else health_check_pb2.UNKNOWN,
             )
         )
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
+        policy=endpoint_pb2.ClusterLoadAssignment.Policy(
+            overprovisioning_factor=wrappers_pb2.UInt32Value(value=round(pool.overprovisioning_factor * 100))
+        ),
         endpoints=[
             # Envoy wants dense priorities (0..N, no gaps): tiers 0 and 2 become 0 and 1.
             endpoint_components_pb2.LocalityLbEndpoints(priority=rank, lb_endpoints=lbs)
