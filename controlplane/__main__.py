@@ -1,4 +1,4 @@
-"""Command line: validate, run, bootstrap."""
+"""Command line: validate, run, bootstrap, drain, undrain, status."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
-    from .bootstrap import bootstrap
+    from .bootstrap import bootstrap, write_bootstrap
 
     config = _load_or_exit(args.config)
     content = json.dumps(
@@ -51,7 +51,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     if args.output == "-":
         print(content)
     else:
-        Path(args.output).write_text(content + "\n", encoding="utf-8")
+        write_bootstrap(Path(args.output), json.loads(content))
         print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -96,6 +96,51 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _api_base(args: argparse.Namespace) -> str:
+    if args.api:
+        return args.api.rstrip("/")
+    if args.config:
+        return f"http://{_load_or_exit(args.config).controlplane.api}"
+    return "http://127.0.0.1:8088"
+
+
+def _call_api(method: str, url: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {"error": {"message": exc.reason}}
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the control plane at {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    action = "drain" if args.command == "drain" else "undrain"
+    url = f"{_api_base(args)}/v1/pools/{args.pool}/backends/{args.backend}/{action}"
+    code, body = _call_api("POST", url, {"force": args.force} if action == "drain" else None)
+    if code != 200:
+        print(f"{action} failed ({code}): {body.get('error', {}).get('message', body)}", file=sys.stderr)
+        return 1
+    state = "draining: no new requests; requests in flight finish" if body["draining"] else "back in rotation"
+    print(f"{args.pool}/{args.backend}: {state}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    code, body = _call_api("GET", f"{_api_base(args)}/v1/status")
+    print(json.dumps(body, indent=2))
+    return 0 if code == 200 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description="xDS control plane for Envoy in front of LLM backends")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -120,7 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-host", default=None, help="where Envoy finds the control plane (default: controlplane.xds.address)")
     p.add_argument("--admin-address", default=None, help="admin bind address (default: envoy.admin.address)")
     p.set_defaults(func=cmd_bootstrap)
+
+    for name, text in (("drain", "stop new requests to a backend; in-flight ones finish"),
+                       ("undrain", "put a drained backend back in rotation")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("pool")
+        p.add_argument("backend")
+        if name == "drain":
+            p.add_argument("--force", action="store_true", help="even if it is the pool's last backend in rotation")
+        else:
+            p.set_defaults(force=False)
+        _add_api_args(p)
+        p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser("status", help="print the control plane's status (JSON)")
+    _add_api_args(p)
+    p.set_defaults(func=cmd_status)
     return parser
+
+
+def _add_api_args(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--api", help="control plane API base URL (default: from --config, else http://127.0.0.1:8088)")
+    where.add_argument("--config", metavar="FILE", help="take the API address from this config file")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import resolver
+from . import resolver, statefile
 from .bootstrap import bootstrap, write_bootstrap
 from .config import Config, ConfigError, load_config
 from .envoyproc import EnvoyProcess
@@ -64,6 +64,8 @@ class App:
         self.ads = AdsServer(self.cache)
         self.addresses: dict[str, str] = {}
         self.weights: Weights = {}
+        self.state_path = state_dir / "state.json"
+        self.persisted = statefile.load(self.state_path)
         self.envoy: EnvoyProcess | None = None
         self._run_envoy = run_envoy
         self._grpc: Any = None
@@ -120,7 +122,7 @@ class App:
         """
         config = config or self.config
         weights = config_weights(config)
-        snapshot = Snapshot.of(resources.build(config, weights, self.addresses))
+        snapshot = Snapshot.of(resources.build(config, weights, self.addresses, frozenset(self.persisted.drained)))
         problems = snapshot.problems()
         if problems:  # a bug in the builders, never an operator error
             raise RuntimeError("inconsistent snapshot: " + "; ".join(problems))
@@ -169,6 +171,32 @@ class App:
         state.reloads += 1
         log.info("%s: reloaded (%d pools)", state.path, len(new.pools))
         return True
+
+    def set_draining(self, pool: str, backend: str, draining: bool, force: bool = False) -> None:
+        """Mark a backend draining (no new requests) or back in rotation, and remember it."""
+        if pool not in self.config.pools:
+            raise LookupError(f"no pool {pool!r}")
+        backends = self.config.pools[pool].backends
+        if backend not in backends:
+            raise LookupError(f"pool {pool!r} has no backend {backend!r}")
+        key = (pool, backend)
+        if draining and not force:
+            active = [b for b in backends if (pool, b) not in self.persisted.drained and b != backend]
+            if not active:
+                raise ValueError(
+                    f"{backend!r} is the last backend of pool {pool!r} in rotation; draining it fails "
+                    "every request to the pool (use force to do it anyway)"
+                )
+        changed = (key in self.persisted.drained) != draining
+        if not changed:
+            return
+        if draining:
+            self.persisted.drained.add(key)
+        else:
+            self.persisted.drained.discard(key)
+        statefile.save(self.state_path, self.persisted)
+        log.info("%s %s/%s", "draining" if draining else "undrained", pool, backend)
+        self.publish()
 
     def _reject(self, errors: str, digest: str) -> None:
         state = self.state
@@ -238,6 +266,7 @@ class App:
                             "address": self.addresses.get(b.host),
                             "weight": self.weights.get(name, {}).get(bname),
                             "priority": b.priority,
+                            "draining": (name, bname) in self.persisted.drained,
                             "api_key": "set" if b.api_key is not None else None,
                         }
                         for bname, b in pool.backends.items()

@@ -158,8 +158,14 @@ class OutlierDetection(_Model):
 
 
 class RetryBudget(_Model):
-    budget_percent: float = Field(25.0, gt=0, le=100)
-    min_retry_concurrency: int = Field(10, ge=1)
+    """Retries in flight may be this share of active requests (or at least the minimum).
+
+    A backend that dies fails all its in-flight requests at once, i.e. 1/N of
+    the pool's: the budget must cover that for N = 2, hence 50%.
+    """
+
+    budget_percent: float = Field(50.0, gt=0, le=100)
+    min_retry_concurrency: int = Field(32, ge=1)
 
 
 class CircuitBreaker(_Model):

@@ -138,8 +138,10 @@ class MockServer(ThreadingHTTPServer):
 
 class MockHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    # Headers and body go out in separate writes; with Nagle on, keep-alive
-    # clients wait for a delayed ACK (~40 ms) on every response.
+    # Buffered writes: a response goes out in one send, as real servers mostly
+    # do; streams flush each event themselves. With Nagle on, keep-alive
+    # clients would wait for a delayed ACK (~40 ms) on every response.
+    wbufsize = -1
     disable_nagle_algorithm = True
     server: MockServer
 

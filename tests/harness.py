@@ -106,13 +106,23 @@ class MockBackend:
 class ControlPlane:
     """`python -m controlplane run` as a child process, with its supervised Envoy."""
 
-    def __init__(self, tmp: Path, pools: dict[str, Any], env: dict[str, str] | None = None, extra_args: list[str] | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        pools: dict[str, Any] | None,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+        ports: dict[str, int] | None = None,
+        pool_defaults: dict[str, Any] | None = None,
+    ):
+        """Start `run`; with `pools=None` the config file already written is used as it is."""
         self.tmp = tmp
-        self.ports = {k: free_port() for k in ("listener", "admin", "xds", "api")}
+        self.ports = ports or {k: free_port() for k in ("listener", "admin", "xds", "api")}
         self.config_path = tmp / "config.yaml"
-        self.write_config(pools)
+        if pools is not None:
+            self.write_config(pools)
         self.log_path = tmp / "controlplane.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controlplane", "run", "--config", str(self.config_path),
              "--state-dir", str(tmp / "state"), *(extra_args or [])],
@@ -188,6 +198,26 @@ class ControlPlane:
             timeout=timeout, what="the config edit to be rejected",
         )
 
+    def envoy_stats(self, prefix: str = "") -> dict[str, int]:
+        """Envoy's counters and gauges (admin /stats), by name."""
+        code, body = http_json("GET", f"{self.admin}/stats?format=json&filter={prefix}")
+        assert code == 200, body
+        return {s["name"]: s["value"] for s in body["stats"] if "value" in s}
+
+    def envoy_hosts(self, cluster: str) -> dict[int, dict[str, Any]]:
+        """Envoy's view of a cluster's hosts (admin /clusters), keyed by port."""
+        code, body = http_json("GET", f"{self.admin}/clusters?format=json")
+        assert code == 200, body
+        out = {}
+        for status in body.get("cluster_statuses", []):
+            if status["name"] != cluster:
+                continue
+            for host in status.get("host_statuses", []):
+                port = host["address"]["socket_address"]["port_value"]
+                out[port] = {"weight": host.get("weight"), "priority": host.get("priority", 0),
+                             "health": host.get("health_status", {})}
+        return out
+
     def log_text(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
@@ -232,3 +262,62 @@ def spread(listener: str, total: int, clients: int = 8, path: str = "/v1/chat/co
             backends.update(b)
             statuses.update(s)
     return backends, statuses
+
+
+class Load:
+    """`clients` keep-alive clients sending completions until stopped; every outcome is counted."""
+
+    def __init__(self, listener: str, clients: int = 20, max_seconds: float = 60.0, timeout: float = 30.0):
+        self.listener = listener
+        self.max_seconds = max_seconds
+        self.timeout = timeout
+        self.backends: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.statuses.values())
+
+    def wait_requests(self, count: int, timeout: float = 30.0) -> None:
+        start = self.total
+        wait_for(lambda: self.total >= start + count, timeout=timeout, what=f"{count} more requests")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.timeout + 5)
+
+    def _client(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        conn = http.client.HTTPConnection(self.listener, timeout=self.timeout)
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                conn.request("POST", "/v1/chat/completions", body=chat_body(), headers={"content-type": "application/json"})
+                resp = conn.getresponse()
+                body = resp.read()
+                with self._lock:
+                    self.statuses[resp.status] += 1
+                    self.backends[resp.getheader("x-backend", "?")] += 1
+                    if resp.status != 200 and len(self.failures) < 20:
+                        self.failures.append(f"{resp.status}: {body[:200]!r} flags={resp.getheader('x-envoy-response-flags')}")
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.statuses[0] += 1
+                    if len(self.failures) < 20:
+                        self.failures.append(f"connection: {exc!r}")
+                conn.close()
+                conn = http.client.HTTPConnection(self.listener, timeout=self.timeout)
+        conn.close()

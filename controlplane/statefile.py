@@ -1,0 +1,58 @@
+"""Operator actions that must survive a control-plane restart (drains), in one JSON file.
+
+Written atomically (temp file + rename), so a crash leaves the old file or the
+new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("controlplane.state")
+
+VERSION = 1
+
+
+@dataclass
+class PersistedState:
+    drained: set[tuple[str, str]] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": VERSION,
+            "drained": [{"pool": p, "backend": b} for p, b in sorted(self.drained)],
+        }
+
+
+def load(path: Path) -> PersistedState:
+    if not path.exists():
+        return PersistedState()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        drained = {(str(d["pool"]), str(d["backend"])) for d in data.get("drained", [])}
+        return PersistedState(drained=drained)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        path.replace(aside)
+        log.error("state file %s is unreadable (%s); kept it as %s and started empty", path, exc, aside)
+        return PersistedState()
+
+
+def save(path: Path, state: PersistedState) -> None:
+    atomic_write(path, json.dumps(state.to_json(), indent=2) + "\n")
+
+
+def atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+    return path
