@@ -113,9 +113,9 @@ class ControlPlane:
         env: dict[str, str] | None = None,
         extra_args: list[str] | None = None,
         ports: dict[str, int] | None = None,
-        pool_defaults: dict[str, Any] | None = None,
+        start: bool = True,
     ):
-        """Start `run`; with `pools=None` the config file already written is used as it is."""
+        """Write the config and start `run` (unless `start=False`: then call `start()`)."""
         self.tmp = tmp
         self.ports = ports or {k: free_port() for k in ("listener", "admin", "xds", "api")}
         self.config_path = tmp / "config.yaml"
@@ -123,11 +123,14 @@ class ControlPlane:
             self.write_config(pools)
         self.log_path = tmp / "controlplane.log"
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controlplane", "run", "--config", str(self.config_path),
-             "--state-dir", str(tmp / "state"), *(extra_args or [])],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        )
+        self.env = {**os.environ, **(env or {})}
+        self.args = [sys.executable, "-m", "controlplane", "run", "--config", str(self.config_path),
+                     "--state-dir", str(tmp / "state"), *(extra_args or [])]
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         try:
             wait_for(lambda: self.status()["in_sync"], timeout=30, what="Envoy to accept the first snapshot")
             wait_for(self.listener_up, timeout=15, what="Envoy's listener")
@@ -221,6 +224,30 @@ class ControlPlane:
     def log_text(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if hasattr(self, "proc"):
+            stop_pid(self.proc)
+        self._log.close()
+
+
+class StandaloneEnvoy:
+    """An Envoy run on its own from `controlplane bootstrap`, as in compose."""
+
+    def __init__(self, tmp: Path, config_path: Path):
+        from controlplane.envoyproc import find_envoy
+
+        self.bootstrap = tmp / "standalone-bootstrap.json"
+        subprocess.run(
+            [sys.executable, "-m", "controlplane", "bootstrap", "--config", str(config_path),
+             "--node-id", "standalone", "-o", str(self.bootstrap)],
+            cwd=ROOT, check=True, capture_output=True, timeout=60,
+        )
+        self._log = open(tmp / "standalone-envoy.log", "ab")
+        self.proc = subprocess.Popen(
+            [find_envoy(), "-c", str(self.bootstrap), "--disable-hot-restart", "--concurrency", "2"],
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
 
     def stop(self) -> None:
         stop_pid(self.proc)

@@ -219,3 +219,13 @@ def test_load_config_names_unreadable_file(tmp_path):
 def test_duplicate_prefix_is_refused():
     text = MINIMAL + '  other:\n    backends:\n      b: {url: "http://127.0.0.1:9002"}\n'
     assert any("match.prefix '/'" in e and "already used by pool 'chat'" in e for e in errors_of(text))
+
+
+def test_per_try_timeout_must_be_shorter_than_the_request_timeout():
+    text = MINIMAL.replace("  chat:\n", "  chat:\n    timeout: 2s\n    retry: {per_try_timeout: 5s}\n")
+    assert any("retry.per_try_timeout (5s) must be shorter than timeout (2s)" in e for e in errors_of(text))
+
+
+def test_unknown_retry_condition_is_refused():
+    text = MINIMAL.replace("  chat:\n", "  chat:\n    retry: {retry_on: [5xx, sometimes]}\n")
+    assert any("pool 'chat', field 'retry.retry_on.1'" in e for e in errors_of(text))

@@ -178,3 +178,95 @@ def test_snapshot_serves_wildcard_types_whole_and_named_types_by_name():
     assert len(snap.packed(types.CLUSTER, ["chat"])) == 2
     (only,) = snap.packed(types.ENDPOINT, ["rag", "no-such-cluster"])
     assert only.type_url == types.ENDPOINT
+
+
+RESILIENT = """
+pools:
+  chat:
+    timeout: 30s
+    health_check: {path: /healthz, interval: 1s, timeout: 500ms, healthy_threshold: 1, unhealthy_threshold: 3,
+                   expected_statuses: [200, 204]}
+    outlier_detection: {consecutive_5xx: 4, max_ejection_percent: 34, success_rate_stdev_factor: 1.9}
+    circuit_breaker: {max_requests: 64, max_pending_requests: 8, retry_budget: {budget_percent: 20, min_retry_concurrency: 4}}
+    retry: {attempts: 3, retry_on: [connect-failure, reset], retriable_status_codes: [429, 503], per_try_timeout: 10s}
+    overprovisioning_factor: 1.0
+    panic_threshold: 25
+    backends:
+      a: {url: "http://127.0.0.1:9001"}
+      b: {url: "http://127.0.0.1:9002", priority: 1}
+"""
+
+
+def resilient():
+    config = parse_config(RESILIENT, env={})
+    return config, resources.build(config, config_weights(config), ADDRESSES, drained=frozenset({("chat", "b")}))
+
+
+def test_health_check_outlier_and_breakers_follow_the_pool():
+    _, res = resilient()
+    chat = res[types.CLUSTER]["chat"]
+    (hc,) = chat.health_checks
+    assert hc.http_health_check.path == "/healthz"
+    assert [(r.start, r.end) for r in hc.http_health_check.expected_statuses] == [(200, 201), (204, 205)]
+    assert hc.interval.ToMilliseconds() == 1000 and hc.no_traffic_interval.ToMilliseconds() == 1000
+    assert hc.timeout.ToMilliseconds() == 500
+    assert (hc.healthy_threshold.value, hc.unhealthy_threshold.value) == (1, 3)
+    od = chat.outlier_detection
+    assert od.consecutive_5xx.value == 4 and od.enforcing_consecutive_5xx.value == 100
+    assert od.enforcing_consecutive_gateway_failure.value == 100
+    assert od.max_ejection_percent.value == 34
+    assert od.success_rate_stdev_factor.value == 1900 and od.enforcing_success_rate.value == 100
+    assert od.failure_percentage_threshold.value == 50 and od.enforcing_failure_percentage.value == 100
+    (limits,) = chat.circuit_breakers.thresholds
+    assert (limits.max_requests.value, limits.max_pending_requests.value) == (64, 8)
+    assert limits.retry_budget.budget_percent.value == 20 and limits.retry_budget.min_retry_concurrency.value == 4
+    assert chat.common_lb_config.healthy_panic_threshold.value == 25
+
+
+def test_defaults_eject_and_never_send_to_unhealthy_hosts():
+    config = parse_config("pools:\n  p:\n    backends:\n      a: {url: 'http://127.0.0.1:1'}\n", env={})
+    cluster = resources.cluster("p", config.pools["p"], config)
+    assert not cluster.health_checks, "active checks are opt-in: a provider may have no health path"
+    assert cluster.outlier_detection.consecutive_gateway_failure.value == 3
+    assert cluster.outlier_detection.max_ejection_percent.value == 50
+    assert cluster.common_lb_config.healthy_panic_threshold.value == 0
+    assert cluster.circuit_breakers.thresholds[0].retry_budget.budget_percent.value == 50
+    off = parse_config("pools:\n  p:\n    outlier_detection: {enabled: false}\n    backends:\n"
+                       "      a: {url: 'http://127.0.0.1:1'}\n", env={})
+    assert not resources.cluster("p", off.pools["p"], off).HasField("outlier_detection")
+
+
+def test_retry_policy_and_failover_policy():
+    _, res = resilient()
+    route = res[types.ROUTE][resources.ROUTE_NAME].virtual_hosts[0].routes[0].route
+    policy = route.retry_policy
+    assert policy.retry_on == "connect-failure,reset,retriable-status-codes"
+    assert list(policy.retriable_status_codes) == [429, 503]
+    assert policy.num_retries.value == 3 and policy.per_try_timeout.seconds == 10
+    assert policy.retry_back_off.base_interval.ToMilliseconds() == 25
+    cla = res[types.ENDPOINT]["chat"]
+    assert cla.policy.overprovisioning_factor.value == 100
+
+
+def test_drained_endpoint_is_marked_draining_and_keeps_its_weight():
+    _, res = resilient()
+    cla = res[types.ENDPOINT]["chat"]
+    by_name = {e.metadata.filter_metadata["llm_lb"]["backend"]: e for loc in cla.endpoints for e in loc.lb_endpoints}
+    from envoy.config.core.v3 import health_check_pb2
+
+    assert by_name["b"].health_status == health_check_pb2.DRAINING
+    assert by_name["a"].health_status == health_check_pb2.UNKNOWN
+    assert by_name["b"].load_balancing_weight.value == 1
+    assert by_name["a"].endpoint.health_check_config.hostname == "127.0.0.1"
+
+
+def test_listener_limits():
+    config = parse_config("envoy:\n  listener: {max_request_headers_kb: 32, per_connection_buffer_limit_kb: 512}\n"
+                          + RESILIENT, env={})
+    listener = resources.listener(config)
+    assert listener.per_connection_buffer_limit_bytes.value == 512 * 1024
+    manager = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert manager.max_request_headers_kb.value == 32
+    assert manager.common_http_protocol_options.max_headers_count.value == 100
+    assert manager.request_headers_timeout.seconds == 10
