@@ -56,6 +56,37 @@ def make_app(app: App) -> web.Application:
     async def undrain(request: web.Request) -> web.Response:
         return await _drain(request, False)
 
+    @routes.post("/v1/feedback")
+    async def feedback(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, 'body must be JSON: {"request_id": "...", "score": 0.0-1.0}')
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object")
+        request_id, score = body.get("request_id"), body.get("score")
+        if not isinstance(request_id, str) or not request_id or len(request_id) > 256:
+            return _error(400, "'request_id' must be the x-request-id Envoy returned (a non-empty string)")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+            return _error(400, "'score' must be a number from 0 to 1")
+        unknown = sorted(set(body) - {"request_id", "score"})
+        if unknown:
+            return _error(400, f"unknown field(s): {', '.join(unknown)}")
+        result = app.feedback(request_id, float(score))
+        return web.json_response(result, status=200 if result["status"] == "applied" else 202)
+
+    @routes.get("/v1/cost")
+    async def cost(request: web.Request) -> web.Response:
+        return web.json_response(app.cost_report())
+
+    @routes.get("/v1/pools/{pool}/weights")
+    async def weights(request: web.Request) -> web.Response:
+        pool = request.match_info["pool"]
+        if pool not in app.config.pools:
+            return _error(404, f"no pool {pool!r}")
+        budget = [w.as_dict() for w in app.budgets.get(pool, [])]
+        return web.json_response(app.engine.explain(pool, budget or None))
+
     web_app = web.Application()
     web_app.add_routes(routes)
     return web_app

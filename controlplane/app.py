@@ -1,6 +1,8 @@
-"""Wires the loop together: config file -> weights -> resources -> snapshot -> ADS -> Envoy.
+"""Wires the loop together: config file -> scores -> weights -> resources -> snapshot -> ADS -> Envoy,
+with Envoy's access log and the health probes flowing back into the scores.
 
-This is the only module with timers: the config watcher and the DNS refresher.
+This is the only module with timers: the config watcher, the DNS refresher,
+the scoring loop and the health prober.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from . import resolver, statefile
+from .alerts import Alerter
 from .bootstrap import bootstrap, write_bootstrap
 from .config import Config, ConfigError, load_config
 from .envoyproc import EnvoyProcess
-from .scoring.weights import Weights, config_weights
+from .scoring import ledger as ledgers
+from .scoring.budget import AlertBook, WindowState, windows
+from .scoring.engine import Engine, Weights
+from .telemetry import accesslog
+from .telemetry.health import Verdict
+from .telemetry.prober import Prober
+from .telemetry.requests import RequestIndex
 from .xds import resources, types
 from .xds.server import AdsServer, SnapshotCache, start_server
 from .xds.snapshot import Snapshot
@@ -66,6 +75,16 @@ class App:
         self.weights: Weights = {}
         self.state_path = state_dir / "state.json"
         self.persisted = statefile.load(self.state_path)
+        self.engine = Engine()
+        self.engine.sync(config)
+        self.ledger: ledgers.Ledger = ledgers.SqliteLedger(state_dir / "ledger.sqlite3")
+        self.requests = RequestIndex()
+        self.access_log = accesslog.AccessLogService(self.observe)
+        self.alerter = Alerter(config.controlplane.alerts.webhook, config.controlplane.alerts.timeout.total_seconds())
+        self.alert_book = AlertBook()
+        self.budgets: dict[str, list[WindowState]] = {}
+        self.rejected: dict[str, str] = {}  # pool -> why Envoy answers 429 for it
+        self.shifted: frozenset[str] = frozenset()
         self.envoy: EnvoyProcess | None = None
         self._run_envoy = run_envoy
         self._grpc: Any = None
@@ -82,8 +101,13 @@ class App:
 
         cfg = self.config
         self.addresses = await resolver.resolve(self._hosts(cfg))
+        self.check_budgets()
+        self.engine.recompute(self.shifted)
         self.publish()
-        self._grpc = await start_server(self.ads, cfg.controlplane.xds.address, cfg.controlplane.xds.port)
+        self._grpc = await start_server(
+            self.ads, cfg.controlplane.xds.address, cfg.controlplane.xds.port,
+            extra=lambda server: accesslog.add_to_server(self.access_log, server),
+        )
         log.info("xDS (ADS) listening on %s", cfg.controlplane.xds)
         self._api = await start_api(self, cfg.controlplane.api.address, cfg.controlplane.api.port)
         log.info("API listening on http://%s (/healthz /metrics /v1/status)", cfg.controlplane.api)
@@ -96,6 +120,8 @@ class App:
         self._tasks = [
             asyncio.create_task(self._watch_config(), name="config-watcher"),
             asyncio.create_task(self._refresh_dns(), name="dns-refresher"),
+            asyncio.create_task(self._score(), name="scoring"),
+            asyncio.create_task(Prober(lambda: self.config, self.observe_health).run(), name="health-prober"),
         ]
 
     async def stop(self) -> None:
@@ -108,6 +134,8 @@ class App:
             await self._api.cleanup()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
+        await self.alerter.drain()
+        self.ledger.close()
         self.stopped.set()
 
     @staticmethod
@@ -121,8 +149,10 @@ class App:
         the caller can keep the last good config.
         """
         config = config or self.config
-        weights = config_weights(config)
-        snapshot = Snapshot.of(resources.build(config, weights, self.addresses, frozenset(self.persisted.drained)))
+        weights = self.engine.weights()
+        snapshot = Snapshot.of(
+            resources.build(config, weights, self.addresses, frozenset(self.persisted.drained), self.rejected)
+        )
         problems = snapshot.problems()
         if problems:  # a bug in the builders, never an operator error
             raise RuntimeError("inconsistent snapshot: " + "; ".join(problems))
@@ -161,11 +191,16 @@ class App:
         if self._hosts(new) - set(self.addresses):
             self.addresses = await resolver.resolve(self._hosts(new), self.addresses)
         try:
+            self.engine.sync(new)
+            self.engine.recompute(self.shifted)
             self.publish(new)
         except Exception as exc:  # noqa: BLE001 - never let a bug take the live config down
             log.exception("cannot build Envoy resources for the edited config")
+            self.engine.sync(state.config)
+            self.engine.recompute(self.shifted)
             self._reject(f"{state.path}: cannot build Envoy resources: {exc}", digest)
             return False
+        self.alerter.webhook = new.controlplane.alerts.webhook
         state.config, state.digest = new, digest
         state.loaded_at, state.errors, state.rejected_digest = time.time(), [], ""
         state.reloads += 1
@@ -197,6 +232,121 @@ class App:
         statefile.save(self.state_path, self.persisted)
         log.info("%s %s/%s", "draining" if draining else "undrained", pool, backend)
         self.publish()
+
+    # -- telemetry in -----------------------------------------------------------
+
+    def observe(self, obs: accesslog.Observation) -> None:
+        """One request from Envoy's access log: stats, spend, and any feedback waiting for it."""
+        if not obs.backend or obs.pool not in self.config.pools:
+            return  # answered by Envoy itself (overflow, budget, no host): no backend to score
+        cost = self.engine.observe_request(
+            obs.pool, obs.backend, obs.ok, obs.latency_ms, obs.prompt_tokens, obs.completion_tokens
+        )
+        if obs.ok:
+            self.ledger.record(time.time(), obs.pool, obs.backend, obs.prompt_tokens, obs.completion_tokens, cost)
+        if obs.quality_header is not None:
+            self.engine.observe_feedback(obs.pool, obs.backend, obs.quality_header)
+        waiting = self.requests.served(obs.request_id, obs.pool, obs.backend)
+        if waiting is not None:
+            self.engine.observe_feedback(obs.pool, obs.backend, waiting)
+
+    def feedback(self, request_id: str, score: float) -> dict[str, Any]:
+        served = self.requests.lookup(request_id)
+        if served is None:
+            self.requests.wait(request_id, score)
+            return {"request_id": request_id, "status": "pending",
+                    "detail": "request not seen yet; applied when its access log entry arrives"}
+        self.engine.observe_feedback(served.pool, served.backend, score)
+        quality = self.engine.stats[(served.pool, served.backend)].quality
+        return {"request_id": request_id, "status": "applied", "pool": served.pool, "backend": served.backend,
+                "quality": round(quality, 4)}
+
+    def observe_health(self, pool: str, backend: str, verdict: Verdict) -> None:
+        stats = self.engine.stats.get((pool, backend))
+        if stats is not None and stats.health_status != verdict.status:
+            log.info("deep health %s/%s: %s (%s)", pool, backend, verdict.status, verdict.detail)
+        self.engine.observe_health(pool, backend, verdict.score, verdict.status, verdict.detail)
+
+    def spend(self, since: float) -> dict[tuple[str, str], ledgers.Spend]:
+        return self.ledger.spend(since)
+
+    def check_budgets(self, now: float | None = None) -> None:
+        """Spend against each pool's budget: alerts at thresholds, the pool's action when exhausted."""
+        now = time.time() if now is None else now
+        hour, day = ledgers.period_start(now, "hour"), ledgers.period_start(now, "day")
+        spent_hour, spent_day = self.ledger.spend(hour), self.ledger.spend(day)
+        rejected, shifted, budgets = {}, set(), {}
+        for pname, pool in self.config.pools.items():
+            if pool.budget is None:
+                continue
+            states = windows(
+                pool.budget,
+                sum(s.cost for (p, _), s in spent_hour.items() if p == pname),
+                sum(s.cost for (p, _), s in spent_day.items() if p == pname),
+                hour, day,
+            )
+            budgets[pname] = states
+            for state in states:
+                for threshold in self.alert_book.due(pname, pool.budget, state):
+                    exhausted = threshold >= 1.0
+                    self.alerter.send(
+                        "budget_exhausted" if exhausted else "budget_threshold",
+                        f"pool {pname!r} has spent {state.spent:.4f} of its {state.window}ly budget "
+                        f"{state.limit:g} ({state.fraction:.0%})"
+                        + (f"; action: {pool.budget.on_exhausted}" if exhausted else ""),
+                        pool=pname, window=state.window, threshold=threshold, spent=state.spent,
+                        limit=state.limit, action=pool.budget.on_exhausted if exhausted else None,
+                    )
+            exhausted = [s for s in states if s.exhausted]
+            if exhausted:
+                if pool.budget.on_exhausted == "reject":
+                    w = exhausted[0]
+                    rejected[pname] = (f"the {w.window}ly budget of pool {pname!r} ({w.limit:g}) is exhausted "
+                                       f"(spent {w.spent:.4f}); try again in the next {w.window}")
+                else:
+                    shifted.add(pname)
+        self.budgets, self.shifted, self.rejected = budgets, frozenset(shifted), rejected
+
+    def cost_report(self, now: float | None = None) -> dict[str, Any]:
+        """Spend per pool and backend for this hour and day, against each budget."""
+        now = time.time() if now is None else now
+        hour = self.ledger.spend(ledgers.period_start(now, "hour"))
+        day = self.ledger.spend(ledgers.period_start(now, "day"))
+        total = self.ledger.spend(0)
+        pools: dict[str, Any] = {}
+        for pname, pool in self.config.pools.items():
+            backends = {}
+            for bname in pool.backends:
+                key = (pname, bname)
+                t = total.get(key, ledgers.Spend())
+                backends[bname] = {
+                    "hour": round(hour.get(key, ledgers.Spend()).cost, 6),
+                    "day": round(day.get(key, ledgers.Spend()).cost, 6),
+                    "total": round(t.cost, 6),
+                    "requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+                }
+            pools[pname] = {
+                "hour": round(sum(b["hour"] for b in backends.values()), 6),
+                "day": round(sum(b["day"] for b in backends.values()), 6),
+                "budget": [w.as_dict() for w in self.budgets.get(pname, [])],
+                "action": ("rejecting" if pname in self.rejected else
+                           "shifted_to_cheapest" if pname in self.shifted else None),
+                "backends": backends,
+            }
+        return {"currency_note": "prices as configured per 1k tokens", "pools": pools}
+
+    async def _score(self) -> None:
+        while True:
+            interval = min(p.scoring.interval.total_seconds() for p in self.config.pools.values())
+            await asyncio.sleep(interval)
+            try:
+                before = dict(self.rejected)
+                self.check_budgets()
+                self.requests.expire()
+                if self.engine.recompute(self.shifted) or before != self.rejected:
+                    self.publish()
+            except Exception:
+                log.exception("scoring failed; weights unchanged")
 
     def _reject(self, errors: str, digest: str) -> None:
         state = self.state

@@ -29,8 +29,12 @@ from pydantic import (
     model_validator,
 )
 
-STRATEGIES = ("round_robin", "weighted", "least_request")
-Strategy = Literal["round_robin", "weighted", "least_request"]
+Strategy = Literal[
+    "round_robin", "weighted", "least_request",  # configured weights only
+    "health_aware", "cost_optimized", "performance_based", "quality_based", "adaptive_learning", "balanced",
+]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+STATIC_STRATEGIES = frozenset({"round_robin", "weighted", "least_request"})
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -104,10 +108,23 @@ class EnvoySettings(_Model):
     ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
 
 
+class Alerts(_Model):
+    webhook: str | None = None  # POSTed a JSON body per alert
+    timeout: Duration = timedelta(seconds=5)
+
+    @field_validator("webhook")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("webhook must be an http:// or https:// URL")
+        return value
+
+
 class ControlPlaneSettings(_Model):
     xds: Address = Address(port=18000)
     api: Address = Address(port=8088)
     resolve_interval: Duration = timedelta(seconds=30)
+    alerts: Alerts = Alerts()
 
 
 class Match(_Model):
@@ -201,6 +218,50 @@ class Retry(_Model):
     backoff: Backoff = Backoff()
 
 
+class Objective(_Model):
+    """How much each outcome counts, for `balanced` and the `adaptive_learning` reward."""
+
+    quality: float = Field(1.0, ge=0)
+    cost: float = Field(1.0, ge=0)
+    latency: float = Field(0.5, ge=0)
+    errors: float = Field(2.0, ge=0)
+
+
+class Scoring(_Model):
+    """How telemetry becomes weights: cadence, smoothing, exploration."""
+
+    interval: Duration = timedelta(seconds=2)
+    exploration_floor: float = Field(0.02, ge=0, le=0.5)  # min share of every healthy backend
+    smoothing: float = Field(0.5, gt=0, le=1)  # share of the new target taken each interval
+    hysteresis: float = Field(0.02, ge=0, le=0.5)  # smallest share change worth a push
+    min_quality: float | None = Field(None, ge=0, le=1)
+    quality_prior_weight: float = Field(10.0, gt=0)  # the prior counts as this many feedback scores
+    objective: Objective = Objective()
+    seed: int = 0
+
+
+class DeepHealth(_Model):
+    """The control plane reads each backend's health JSON (or OpenAI-style /models)."""
+
+    path: str = "/health"
+    format: Literal["json", "openai_models"] = "json"
+    interval: Duration = timedelta(seconds=5)
+    timeout: Duration = timedelta(seconds=2)
+
+
+class Budget(_Model):
+    hourly: float | None = Field(None, gt=0)
+    daily: float | None = Field(None, gt=0)
+    alert_thresholds: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.7, 0.9])
+    on_exhausted: Literal["shift_to_cheapest", "reject"] = "shift_to_cheapest"
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Budget:
+        if self.hourly is None and self.daily is None:
+            raise ValueError("a budget needs hourly, daily or both")
+        return self
+
+
 class Cost(_Model):
     input_per_1k: float = Field(0.0, ge=0)
     output_per_1k: float = Field(0.0, ge=0)
@@ -271,6 +332,9 @@ class Pool(_Model):
     overprovisioning_factor: float = Field(1.4, ge=1.0)
     # Below this healthy share Envoy would also send to unhealthy hosts; 0 never does.
     panic_threshold: float = Field(0.0, ge=0, le=100)
+    scoring: Scoring = Scoring()
+    deep_health: DeepHealth | None = None
+    budget: Budget | None = None
     backends: dict[Name, Backend] = Field(min_length=1)
 
     @model_validator(mode="after")

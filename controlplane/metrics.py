@@ -51,6 +51,39 @@ class AppCollector(Collector):
             for backend, value in backends.items():
                 weight.add_metric([pool, backend], value)
         yield weight
+        gauges = {
+            "quality": GaugeMetricFamily("llm_lb_backend_quality", "Estimated answer quality (prior + feedback)",
+                                         labels=["pool", "backend"]),
+            "health": GaugeMetricFamily("llm_lb_backend_health", "Deep health score: 1 healthy, 0.5 degraded, 0 down",
+                                        labels=["pool", "backend"]),
+            "latency": GaugeMetricFamily("llm_lb_backend_latency_ms", "Latency EWMA from the access log",
+                                         labels=["pool", "backend"]),
+            "errors": GaugeMetricFamily("llm_lb_backend_error_rate", "Error rate EWMA from the access log",
+                                        labels=["pool", "backend"]),
+        }
+        for (pool, backend), st in app.engine.stats.items():
+            gauges["quality"].add_metric([pool, backend], st.quality)
+            gauges["health"].add_metric([pool, backend], st.health)
+            if st.latency_ewma_ms is not None:
+                gauges["latency"].add_metric([pool, backend], st.latency_ewma_ms)
+            gauges["errors"].add_metric([pool, backend], st.error_ewma)
+        yield from gauges.values()
+        spend = CounterMetricFamily("llm_lb_spend", "Money spent, at configured prices", labels=["pool", "backend"])
+        tokens = CounterMetricFamily("llm_lb_tokens", "Tokens counted", labels=["pool", "backend", "kind"])
+        for (pool, backend), total in app.ledger.spend(0).items():
+            spend.add_metric([pool, backend], total.cost)
+            tokens.add_metric([pool, backend, "prompt"], total.prompt_tokens)
+            tokens.add_metric([pool, backend, "completion"], total.completion_tokens)
+        yield spend
+        yield tokens
+        budget = GaugeMetricFamily("llm_lb_budget_used_ratio", "Share of the budget spent", labels=["pool", "window"])
+        for pool, states in app.budgets.items():
+            for state in states:
+                budget.add_metric([pool, state.window], state.fraction)
+        yield budget
+        entries = CounterMetricFamily("llm_lb_access_log_entries", "Access log entries received from Envoy")
+        entries.add_metric([], app.access_log.entries)
+        yield entries
         restarts = CounterMetricFamily("llm_lb_envoy_restarts", "Times the supervised Envoy was restarted")
         restarts.add_metric([], app.envoy.restarts if app.envoy else 0)
         yield restarts

@@ -122,7 +122,6 @@ class ControlPlane:
         if pools is not None:
             self.write_config(pools)
         self.log_path = tmp / "controlplane.log"
-        self._log = open(self.log_path, "ab")
         self.env = {**os.environ, **(env or {})}
         self.args = [sys.executable, "-m", "controlplane", "run", "--config", str(self.config_path),
                      "--state-dir", str(tmp / "state"), *(extra_args or [])]
@@ -130,6 +129,7 @@ class ControlPlane:
             self.start()
 
     def start(self) -> None:
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         try:
             wait_for(lambda: self.status()["in_sync"], timeout=30, what="Envoy to accept the first snapshot")
@@ -222,13 +222,14 @@ class ControlPlane:
         return out
 
     def log_text(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         if hasattr(self, "proc"):
             stop_pid(self.proc)
-        self._log.close()
+            self._log.close()
 
 
 class StandaloneEnvoy:

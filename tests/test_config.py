@@ -152,7 +152,7 @@ BAD_CASES = {
     ),
     "bad_strategy": (
         MINIMAL.replace("  chat:\n", "  chat:\n    strategy: fastest\n"),
-        ["pool 'chat', field 'strategy': Input should be 'round_robin', 'weighted' or 'least_request'"],
+        ["pool 'chat', field 'strategy': Input should be 'round_robin', 'weighted', 'least_request'", "'balanced'"],
     ),
     "bad_duration": (
         MINIMAL.replace("  chat:\n", "  chat:\n    timeout: soon\n"),

@@ -1,7 +1,6 @@
-"""Each pool's strategy turns backends into Envoy endpoint weights.
+"""Weights the operator wrote: what round_robin, weighted and least_request push as they are.
 
-Strategies here use only the config; the telemetry-driven ones plug in beside
-them. Nothing in scoring knows about protobufs or gRPC.
+Nothing in scoring knows about protobufs or gRPC.
 """
 
 from __future__ import annotations

@@ -6,16 +6,27 @@ Envoy feature touches one builder and its test.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import timedelta
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    health_check_pb2,
+    protocol_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -24,10 +35,13 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.metadata.v3 import metadata_pb2
+from envoy.type.tracing.v3 import custom_tag_pb2
 from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from ..bootstrap import XDS_CLUSTER
 from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool, Retry
 from . import types
 
@@ -68,7 +82,11 @@ def _struct(values: Mapping[str, object]) -> struct_pb2.Struct:
 
 
 def build(
-    config: Config, weights: Weights, addresses: Addresses, drained: Drained = frozenset()
+    config: Config,
+    weights: Weights,
+    addresses: Addresses,
+    drained: Drained = frozenset(),
+    rejected: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Message]]:
     """Every resource Envoy needs, keyed by type URL and resource name."""
     clusters = {name: cluster(name, pool, config) for name, pool in config.pools.items()}
@@ -82,8 +100,77 @@ def build(
         types.CLUSTER: clusters,
         types.ENDPOINT: endpoints,
         types.LISTENER: {LISTENER_NAME: listener(config)},
-        types.ROUTE: {ROUTE_NAME: route_configuration(config)},
+        types.ROUTE: {ROUTE_NAME: route_configuration(config, rejected or {})},
     }
+
+
+# Reads the `usage` block of a JSON body, or of the last SSE chunk, as the body
+# streams past (bodyChunks() does not buffer), into dynamic metadata for the
+# access log. Streams without usage get a count of content chunks instead.
+USAGE_LUA = r"""
+local function scan(text, found)
+  for v in string.gmatch(text, '"prompt_tokens"%s*:%s*(%d+)') do found.prompt = v end
+  for v in string.gmatch(text, '"completion_tokens"%s*:%s*(%d+)') do found.completion = v end
+end
+
+function envoy_on_response(handle)
+  local ctype = handle:headers():get("content-type") or ""
+  local stream = string.find(ctype, "text/event-stream", 1, true) ~= nil
+  if not stream and string.find(ctype, "json", 1, true) == nil then return end
+  local found, tail, chunks = {}, "", 0
+  for chunk in handle:bodyChunks() do
+    local bytes = chunk:getBytes(0, chunk:length())
+    local text = tail .. bytes
+    scan(text, found)
+    if stream then
+      local _, n = string.gsub(bytes, '"content"%s*:%s*"[^"]', "")
+      chunks = chunks + n
+    end
+    tail = string.sub(text, -256)
+  end
+  local meta = handle:streamInfo():dynamicMetadata()
+  if found.prompt then meta:set("llm_lb.usage", "prompt_tokens", tonumber(found.prompt)) end
+  if found.completion then meta:set("llm_lb.usage", "completion_tokens", tonumber(found.completion)) end
+  if stream then meta:set("llm_lb.usage", "content_chunks", chunks) end
+end
+"""
+
+
+def _usage_filter() -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(
+        name="llm_lb.usage",
+        typed_config=_any(lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=USAGE_LUA))),
+    )
+
+
+def _access_log() -> accesslog_pb2.AccessLog:
+    """Every request, batched, to the control plane over the ADS cluster (gRPC ALS)."""
+    backend_tag = custom_tag_pb2.CustomTag(
+        tag="backend",
+        metadata=custom_tag_pb2.CustomTag.Metadata(
+            kind=metadata_pb2.MetadataKind(host=metadata_pb2.MetadataKind.Host()),
+            metadata_key=metadata_pb2.MetadataKey(
+                key=METADATA_NS, path=[metadata_pb2.MetadataKey.PathSegment(key="backend")]
+            ),
+        ),
+    )
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        typed_config=_any(
+            als_pb2.HttpGrpcAccessLogConfig(
+                common_config=als_pb2.CommonGrpcAccessLogConfig(
+                    log_name="llm_lb",
+                    grpc_service=grpc_service_pb2.GrpcService(
+                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
+                    ),
+                    transport_api_version=config_source_pb2.ApiVersion.V3,
+                    buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
+                    custom_tags=[backend_tag],
+                ),
+                additional_response_headers_to_log=["x-quality-score"],
+            )
+        ),
+    )
 
 
 def listener(config: Config) -> listener_pb2.Listener:
@@ -93,8 +180,10 @@ def listener(config: Config) -> listener_pb2.Listener:
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
         http_filters=[
-            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))
+            _usage_filter(),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ],
+        access_log=[_access_log()],
         always_set_request_id_in_response=True,
         max_request_headers_kb=wrappers_pb2.UInt32Value(value=addr.max_request_headers_kb),
         request_headers_timeout=_duration(addr.request_headers_timeout),
@@ -123,22 +212,34 @@ def listener(config: Config) -> listener_pb2.Listener:
     )
 
 
-def route_configuration(config: Config) -> route_pb2.RouteConfiguration:
-    """One route per pool; the longest prefix is tried first so specific pools win."""
+def route_configuration(config: Config, rejected: Mapping[str, str] | None = None) -> route_pb2.RouteConfiguration:
+    """One route per pool; the longest prefix is tried first so specific pools win.
+
+    A pool in `rejected` (its budget is exhausted and its action is `reject`)
+    is answered by Envoy itself: 429 with a JSON error naming the budget.
+    """
+    rejected = rejected or {}
     ordered = sorted(config.pools.items(), key=lambda item: (-len(item[1].match.prefix), item[0]))
-    routes = [
-        route_components_pb2.Route(
-            name=name,
-            match=route_components_pb2.RouteMatch(prefix=pool.match.prefix),
-            route=route_components_pb2.RouteAction(
-                cluster=name,
-                timeout=_duration(pool.timeout),
-                auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
-                retry_policy=retry_policy(pool.retry),
-            ),
-        )
-        for name, pool in ordered
-    ]
+    routes = []
+    for name, pool in ordered:
+        route = route_components_pb2.Route(name=name, match=route_components_pb2.RouteMatch(prefix=pool.match.prefix))
+        if name in rejected:
+            body = json.dumps({"error": {"message": rejected[name], "type": "budget_exhausted", "pool": name}})
+            route.direct_response.status = 429
+            route.direct_response.body.inline_string = body
+            route.response_headers_to_add.append(
+                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", value="application/json"))
+            )
+        else:
+            route.route.CopyFrom(
+                route_components_pb2.RouteAction(
+                    cluster=name,
+                    timeout=_duration(pool.timeout),
+                    auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
+                    retry_policy=retry_policy(pool.retry),
+                )
+            )
+        routes.append(route)
     return route_pb2.RouteConfiguration(
         name=ROUTE_NAME,
         virtual_hosts=[route_components_pb2.VirtualHost(name="pools", domains=["*"], routes=routes)],
@@ -344,6 +445,7 @@ def load_assignment(
         ip = addresses.get(backend.host)
         if ip is None:
             continue
+        weight = weights.get(backend_name, backend.weight)
         metadata: dict[str, object] = {"pool": name, "backend": backend_name}
         if backend.auth_value is not None:
             metadata[backend.api_key_header] = backend.auth_value
@@ -359,10 +461,15 @@ def load_assignment(
                     hostname=backend.host,
                     health_check_config=endpoint_components_pb2.Endpoint.HealthCheckConfig(hostname=backend.host),
                 ),
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=weights.get(backend_name, backend.weight)),
+                # Envoy needs weight >= 1: a weight of 0 is published as an unhealthy endpoint.
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, weight)),
                 metadata=base_pb2.Metadata(filter_metadata=filter_metadata),
                 # Draining: no new requests; requests in flight finish on their open connections.
-                health_status=health_check_pb2.DRAINING if backend_name in drained else health_check_pb2.UNKNOWN,
+                health_status=(
+                    health_check_pb2.DRAINING if backend_name in drained
+                    else health_check_pb2.UNHEALTHY if weight == 0
+                    else health_check_pb2.UNKNOWN
+                ),
             )
         )
     return endpoint_pb2.ClusterLoadAssignment(

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,7 +240,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return out
 
 
-async def start_server(cache_server: AdsServer, address: str, port: int) -> grpc.aio.Server:
+async def start_server(
+    cache_server: AdsServer, address: str, port: int, extra: Callable[[grpc.aio.Server], None] | None = None
+) -> grpc.aio.Server:
+    """The gRPC server Envoy talks to: ADS, plus whatever `extra` adds (the access log service)."""
     server = grpc.aio.server(
         options=[
             ("grpc.keepalive_time_ms", 30_000),
@@ -250,6 +253,8 @@ async def start_server(cache_server: AdsServer, address: str, port: int) -> grpc
         ]
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(cache_server, server)
+    if extra is not None:
+        extra(server)
     bound = server.add_insecure_port(f"{address}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for xDS on {address}:{port}")

@@ -1,0 +1,254 @@
+"""The scoring loop's state: per-backend stats in, smoothed integer weights out.
+
+Shared by the live control plane and the simulator, so what the simulator
+measures is what production does. No clocks and no I/O: the caller decides
+when to observe and when to recompute.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import STATIC_STRATEGIES, Backend, Config, Pool
+from .stats import BackendStats
+from .strategies import Candidate, Decision, decide
+from .weights import pool_weights
+
+WEIGHT_SCALE = 1000
+DEFAULT_MIX = (500, 200)  # prompt, completion tokens per request until some are seen
+REWARD_DECAY = 0.995  # per observation of a backend: old evidence fades for re-convergence
+DEFAULT_LATENCY_REF_MS = 5000.0
+
+Weights = dict[str, dict[str, int]]
+
+
+def request_cost(backend: Backend, prompt_tokens: int, completion_tokens: int) -> float:
+    return (backend.cost.input_per_1k * prompt_tokens + backend.cost.output_per_1k * completion_tokens) / 1000.0
+
+
+def to_weights(shares: dict[str, float]) -> dict[str, int]:
+    """Integer EDS weights; 0 means no traffic (the endpoint is published unhealthy)."""
+    return {n: (max(1, round(s * WEIGHT_SCALE)) if s > 1e-9 else 0) for n, s in shares.items()}
+
+
+@dataclass
+class PoolState:
+    smoothed: dict[str, float] = field(default_factory=dict)
+    published: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)
+    decision: Decision | None = None
+    shifted: bool = False
+    rng: random.Random = field(default_factory=random.Random)
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.stats: dict[tuple[str, str], BackendStats] = {}
+        self.pools: dict[str, PoolState] = {}
+        self._config: Config | None = None
+
+    def sync(self, config: Config) -> None:
+        """Follow the config: new backends get stats, priors follow edits, removed ones go."""
+        self._config = config
+        keep = set()
+        for pname, pool in config.pools.items():
+            if pname not in self.pools:
+                self.pools[pname] = PoolState(rng=random.Random(pool.scoring.seed))
+            for bname, backend in pool.backends.items():
+                key = (pname, bname)
+                keep.add(key)
+                st = self.stats.get(key)
+                if st is None:
+                    self.stats[key] = BackendStats(
+                        prior_quality=backend.quality,
+                        prior_weight=pool.scoring.quality_prior_weight,
+                        expected_latency_ms=backend.expected_latency_ms,
+                    )
+                else:
+                    st.prior_quality = backend.quality
+                    st.prior_weight = pool.scoring.quality_prior_weight
+                    st.expected_latency_ms = backend.expected_latency_ms
+        for key in set(self.stats) - keep:
+            del self.stats[key]
+        for pname in set(self.pools) - set(config.pools):
+            del self.pools[pname]
+
+    @property
+    def config(self) -> Config:
+        assert self._config is not None, "sync() first"
+        return self._config
+
+    def backend(self, pool: str, name: str) -> Backend | None:
+        p = self.config.pools.get(pool)
+        return p.backends.get(name) if p else None
+
+    # -- observations -------------------------------------------------------
+
+    def observe_request(
+        self, pool: str, backend: str, ok: bool, latency_ms: float, prompt_tokens: int = 0, completion_tokens: int = 0
+    ) -> float:
+        """Record one request; returns what it cost."""
+        cfg = self.backend(pool, backend)
+        st = self.stats.get((pool, backend))
+        if cfg is None or st is None:
+            return 0.0
+        cost = request_cost(cfg, prompt_tokens, completion_tokens) if ok else 0.0
+        st.observe(ok, latency_ms, prompt_tokens, completion_tokens, cost)
+        st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), REWARD_DECAY)
+        return cost
+
+    def observe_feedback(self, pool: str, backend: str, score: float) -> bool:
+        st = self.stats.get((pool, backend))
+        if st is None:
+            return False
+        st.observe_feedback(score)
+        return True
+
+    def observe_health(self, pool: str, backend: str, score: float, status: str, detail: str = "") -> None:
+        st = self.stats.get((pool, backend))
+        if st is not None:
+            st.health, st.health_status, st.health_detail = score, status, detail
+
+    def reward(self, pool: str, backend: str, ok: bool, latency_ms: float, cost: float) -> float:
+        """One request's reward in 0..1 by the pool's objective; a failure earns nothing."""
+        if not ok:
+            return 0.0
+        p = self.config.pools[pool]
+        obj = p.scoring.objective
+        st = self.stats[(pool, backend)]
+        cost_ref = max(self._unit_costs(pool).values()) or 1.0
+        latency_ref = self._latency_ref(pool)
+        total = obj.quality + obj.cost + obj.latency
+        if total <= 0:
+            return 1.0
+        value = (
+            obj.quality * st.quality
+            + obj.cost * (1.0 - min(1.0, cost / cost_ref))
+            + obj.latency * (1.0 - min(1.0, latency_ms / latency_ref))
+        )
+        return max(0.0, min(1.0, value / total))
+
+    def _mix(self, pool: str) -> tuple[float, float]:
+        prompt = completion = n = 0
+        for (p, _), st in self.stats.items():
+            if p == pool:
+                prompt += st.prompt_tokens
+                completion += st.completion_tokens
+                n += st.requests - st.errors
+        return (prompt / n, completion / n) if n and (prompt or completion) else DEFAULT_MIX
+
+    def _unit_costs(self, pool: str) -> dict[str, float]:
+        prompt, completion = self._mix(pool)
+        return {
+            name: (b.cost.input_per_1k * prompt + b.cost.output_per_1k * completion) / 1000.0
+            for name, b in self.config.pools[pool].backends.items()
+        }
+
+    def _latency_ref(self, pool: str) -> float:
+        seen = [st.latency_ms for (p, _), st in self.stats.items() if p == pool and st.latency_ms]
+        return 2.0 * max(seen) if seen else DEFAULT_LATENCY_REF_MS
+
+    # -- decisions ------------------------------------------------------------
+
+    def candidates(self, pool: str) -> list[Candidate]:
+        costs = self._unit_costs(pool)
+        out = []
+        for name, backend in self.config.pools[pool].backends.items():
+            st = self.stats[(pool, name)]
+            out.append(
+                Candidate(
+                    name=name, weight=backend.weight, health=st.health, quality=st.quality,
+                    latency_ms=st.latency_ms, error_rate=st.error_ewma, unit_cost=costs[name],
+                    reward_alpha=st.reward_alpha, reward_beta=st.reward_beta,
+                )
+            )
+        return out
+
+    def recompute(self, shift_to_cheapest: frozenset[str] = frozenset()) -> bool:
+        """New weights for every pool; True if any pool's weights changed enough to push."""
+        changed = False
+        for pname, pool in self.config.pools.items():
+            changed |= self._recompute_pool(pname, pool, pname in shift_to_cheapest)
+        return changed
+
+    def _recompute_pool(self, pname: str, pool: Pool, shift: bool) -> bool:
+        state = self.pools[pname]
+        cands = self.candidates(pname)
+        decision = decide(pool.strategy, cands, pool.scoring, state.rng, shift_to_cheapest=shift)
+        if not any(decision.shares.values()):
+            # Every backend reports unhealthy: a health endpoint can be wrong, so keep all in
+            # rotation by configured weight and let Envoy's own checks and retries decide.
+            fallback = decide("weighted", [_healthy(c) for c in cands], pool.scoring, state.rng)
+            reasons = {n: "every backend reports unhealthy: kept in rotation; " + r for n, r in fallback.reasons.items()}
+            decision = Decision(fallback.shares, reasons)
+        state.decision, state.shifted = decision, shift
+        static = pool.strategy in STATIC_STRATEGIES or shift
+        target = decision.shares
+        if static or not state.smoothed or set(state.smoothed) != set(target):
+            smoothed = dict(target)
+        else:
+            a = pool.scoring.smoothing
+            smoothed = {n: state.smoothed[n] + a * (target[n] - state.smoothed[n]) for n in target}
+            # A backend taken out (unhealthy, below quality) leaves at once, not smoothly.
+            smoothed = {n: (0.0 if target[n] == 0 else s) for n, s in smoothed.items()}
+        state.smoothed = smoothed
+        if not self._significant(state.published, smoothed, pool.scoring.hysteresis):
+            return False
+        state.published = dict(smoothed)
+        if pool.strategy in STATIC_STRATEGIES and pool.deep_health is None and not shift:
+            weights = pool_weights(pool)  # exactly what the operator wrote
+        else:
+            weights = to_weights(smoothed)
+        if weights == state.weights:
+            return False
+        state.weights = weights
+        return True
+
+    @staticmethod
+    def _significant(published: dict[str, float], new: dict[str, float], hysteresis: float) -> bool:
+        if set(published) != set(new):
+            return True
+        for name, share in new.items():
+            if (share == 0) != (published[name] == 0):
+                return True
+            if abs(share - published[name]) >= hysteresis:
+                return True
+        return False
+
+    def weights(self) -> Weights:
+        return {pname: dict(state.weights) for pname, state in self.pools.items()}
+
+    def explain(self, pool: str, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Each backend's weight with the inputs and the strategy's reasoning, for operators."""
+        state = self.pools[pool]
+        cfg = self.config.pools[pool]
+        costs = self._unit_costs(pool)
+        out = {}
+        for name in cfg.backends:
+            st = self.stats[(pool, name)]
+            out[name] = {
+                "weight": state.weights.get(name),
+                "share": round(state.published.get(name, 0.0), 4),
+                "target_share": round(state.decision.shares.get(name, 0.0), 4) if state.decision else None,
+                "health": {"score": st.health, "status": st.health_status, "detail": st.health_detail},
+                "latency_ms": {"ewma": _round(st.latency_ewma_ms), "p95": _round(st.p95_ms),
+                               "expected": st.expected_latency_ms},
+                "error_rate": round(st.error_ewma, 4),
+                "requests": st.requests,
+                "cost": {"per_request_estimate": round(costs[name], 6), "spent": round(st.cost, 6)},
+                "quality": {"estimate": round(st.quality, 4), "prior": st.prior_quality, "feedback": st.feedback_n},
+                "reason": state.decision.reasons.get(name, "") if state.decision else "",
+            }
+        return {"pool": pool, "strategy": cfg.strategy, "shifted_to_cheapest": state.shifted,
+                "budget": budget, "backends": out}
+
+
+def _healthy(c: Candidate) -> Candidate:
+    return Candidate(c.name, c.weight, 1.0, c.quality, c.latency_ms, c.error_rate, c.unit_cost,
+                     c.reward_alpha, c.reward_beta)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

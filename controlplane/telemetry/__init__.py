@@ -1,0 +1,1 @@
+"""What flows back from the data plane: Envoy's access log, and the deep health probes."""

@@ -1,0 +1,54 @@
+"""Which backend answered which request: feedback arrives later, by `x-request-id`.
+
+Access log entries arrive in batches, so feedback can come before the entry
+for its request: such feedback waits (bounded) for it instead of being lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Served:
+    pool: str
+    backend: str
+
+
+class RequestIndex:
+    def __init__(self, capacity: int = 100_000, wait_seconds: float = 30.0) -> None:
+        self.capacity = capacity
+        self.wait_seconds = wait_seconds
+        self._served: OrderedDict[str, Served] = OrderedDict()
+        self._pending: OrderedDict[str, tuple[float, float]] = OrderedDict()  # request id -> (score, since)
+        self.expired = 0
+
+    def lookup(self, request_id: str) -> Served | None:
+        return self._served.get(request_id)
+
+    def served(self, request_id: str, pool: str, backend: str) -> float | None:
+        """Remember who served a request; returns feedback that was waiting for it."""
+        if not request_id:
+            return None
+        self._served[request_id] = Served(pool, backend)
+        self._served.move_to_end(request_id)
+        while len(self._served) > self.capacity:
+            self._served.popitem(last=False)
+        waiting = self._pending.pop(request_id, None)
+        return waiting[0] if waiting else None
+
+    def wait(self, request_id: str, score: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._pending[request_id] = (score, now)
+        self.expire(now)
+
+    def expire(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        while self._pending:
+            rid, (_, since) = next(iter(self._pending.items()))
+            if now - since < self.wait_seconds and len(self._pending) <= self.capacity:
+                break
+            self._pending.popitem(last=False)
+            self.expired += 1
