@@ -1,4 +1,4 @@
-"""Command line: validate, run, bootstrap, drain, undrain, status."""
+"""Command line: validate, run, bootstrap, drain, undrain, status, simulate."""
 
 from __future__ import annotations
 
@@ -141,6 +141,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if code == 200 else 1
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .scoring.simulator import main_simulate
+
+    strategies = [s.strip() for s in args.strategies.split(",")] if args.strategies else None
+    return main_simulate(args.config, args.workload, strategies, args.requests)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description="xDS control plane for Envoy in front of LLM backends")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -177,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(force=False)
         _add_api_args(p)
         p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser("simulate", help="compare strategies on simulated backends (the live scoring code)")
+    p.add_argument("--workload", required=True, metavar="FILE")
+    p.add_argument("--config", metavar="FILE", help="the operator config (optional if the workload embeds one)")
+    p.add_argument("--strategies", help="comma-separated (default: every telemetry strategy)")
+    p.add_argument("--requests", type=int, help="override the workload's request count")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("status", help="print the control plane's status (JSON)")
     _add_api_args(p)
