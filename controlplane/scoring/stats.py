@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 LATENCY_ALPHA = 0.1  # EWMA weight of one request
 ERROR_ALPHA = 0.05
+QUALITY_DECAY = 0.99  # per rating: old ratings fade (about the last 100 count), so a drop shows
 
 
 @dataclass
@@ -27,7 +28,8 @@ class BackendStats:
     completion_tokens: int = 0
     cost: float = 0.0
     feedback_n: int = 0
-    feedback_sum: float = 0.0
+    feedback_sum: float = 0.0  # discounted
+    feedback_weight: float = 0.0  # discounted count
     health: float = 1.0  # deep health: 1 healthy, 0.5 degraded, 0 unhealthy
     health_status: str = "unknown"
     health_detail: str = ""
@@ -53,7 +55,8 @@ class BackendStats:
 
     def observe_feedback(self, score: float) -> None:
         self.feedback_n += 1
-        self.feedback_sum += score
+        self.feedback_sum = self.feedback_sum * QUALITY_DECAY + score
+        self.feedback_weight = self.feedback_weight * QUALITY_DECAY + 1.0
 
     def observe_reward(self, reward: float, decay: float) -> None:
         """Discounting old evidence lets the posterior follow a backend that changes."""
@@ -62,8 +65,8 @@ class BackendStats:
 
     @property
     def quality(self) -> float:
-        """Posterior mean with the configured prior as `prior_weight` pseudo-scores."""
-        return (self.prior_quality * self.prior_weight + self.feedback_sum) / (self.prior_weight + self.feedback_n)
+        """Posterior mean with the configured prior as `prior_weight` pseudo-scores; recent ratings count most."""
+        return (self.prior_quality * self.prior_weight + self.feedback_sum) / (self.prior_weight + self.feedback_weight)
 
     @property
     def latency_ms(self) -> float | None:
