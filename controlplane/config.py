@@ -409,35 +409,44 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 
 def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"{where}: YAML syntax error: {problem}"]) from None
-    if root is None:
-        raise ConfigError([f"{source}: file is empty; it needs at least a 'pools' section"])
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}:1: the top level must be a mapping (envoy, controlplane, pools)"])
-
-    lines: dict[tuple[Any, ...], int] = {}
-    errors: list[str] = []
-    _index_lines(root, (), lines, errors, source)
+    data, lines, errors = read_yaml(text, source, "a 'pools' section", "envoy, controlplane, pools")
     failed: set[tuple[Any, ...]] = set()
     data = _substitute(data, (), env, lines, errors, source, failed)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         errors += [
-            _describe(e, lines, source)
+            describe_error(e, lines, source)
             for e in exc.errors()
             if _clean_loc(e["loc"]) not in failed
         ]
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def read_yaml(text: str, source: str, needs: str, top_keys: str) -> tuple[dict[str, Any], dict, list[str]]:
+    """A YAML mapping, the line of every key, and the duplicate keys found (as errors).
+
+    Syntax errors, an empty file and a top level that is not a mapping raise
+    ConfigError at once: nothing further can be said about such a file.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{at}: YAML syntax error: {problem}"]) from None
+    if root is None:
+        raise ConfigError([f"{source}: file is empty; it needs at least {needs}"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}:1: the top level must be a mapping ({top_keys})"])
+    lines: dict[tuple[Any, ...], int] = {}
+    errors: list[str] = []
+    _index_lines(root, (), lines, errors, source)
+    return data, lines, errors
 
 
 def _index_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict, errors: list[str], source: str) -> None:
@@ -450,7 +459,7 @@ def _index_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict, errors: li
             line = key_node.start_mark.line + 1
             if key in first:
                 errors.append(
-                    f"{source}:{line}: {_where(path + (key,))}: duplicate key {key!r} "
+                    f"{source}:{line}: {where(path + (key,))}: duplicate key {key!r} "
                     f"(first at line {first[key]})"
                 )
                 continue
@@ -480,7 +489,7 @@ def _substitute(
     if path and path[-1] in _SECRET_FIELDS and value is not None:
         if not isinstance(value, str) or not _ENV_REF.fullmatch(value.strip()):
             errors.append(
-                f"{_line(path, lines, source)}: {_where(path)}: must name an environment "
+                f"{source_line(path, lines, source)}: {where(path)}: must name an environment "
                 "variable, e.g. ${PROVIDER_KEY}; keys are never written in config files"
             )
             failed.add(path)
@@ -494,21 +503,22 @@ def _substitute(
             return env[name]
         if default is not None:
             return default
-        errors.append(f"{_line(path, lines, source)}: {_where(path)}: environment variable {name} is not set")
+        errors.append(f"{source_line(path, lines, source)}: {where(path)}: environment variable {name} is not set")
         failed.add(path)
         return ""
 
     return _ENV_REF.sub(replace, value)
 
 
-def _line(path: tuple[Any, ...], lines: dict, source: str) -> str:
+def source_line(path: tuple[Any, ...], lines: dict, source: str) -> str:
+    """`file:line` of the nearest key along `path` that the file has."""
     for cut in range(len(path), -1, -1):
         if path[:cut] in lines:
             return f"{source}:{lines[path[:cut]]}"
     return source
 
 
-def _where(loc: tuple[Any, ...]) -> str:
+def where(loc: tuple[Any, ...]) -> str:
     """Name the pool, backend and field of a location in words."""
     loc = tuple(loc)
     if len(loc) >= 2 and loc[0] == "pools":
@@ -527,11 +537,12 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
 
 
-def _describe(error: Any, lines: dict, source: str) -> str:
+def describe_error(error: Any, lines: dict, source: str, model: type[BaseModel] | None = None) -> str:
+    """One pydantic error as `file:line: pool ..., backend ..., field ...: message`."""
     loc = _clean_loc(error["loc"])
     msg: str = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
+        allowed = _allowed_keys(loc[:-1], model or Config)
         msg = f"unknown key {loc[-1]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
     elif error["type"] == "missing":
         msg = "required field is missing"
@@ -544,12 +555,12 @@ def _describe(error: Any, lines: dict, source: str) -> str:
         and repr(error["input"]) not in msg
     ):
         msg += f" (got {error['input']!r})"
-    return f"{_line(loc, lines, source)}: {_where(loc)}: {msg}"
+    return f"{source_line(loc, lines, source)}: {where(loc)}: {msg}"
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+def _allowed_keys(loc: tuple[Any, ...], model: type[BaseModel]) -> list[str]:
     """Walk the model along `loc` to list the keys that are valid there."""
-    current: Any = Config
+    current: Any = model
     for part in loc:
         current = _unwrap(current)
         if isinstance(current, type) and issubclass(current, BaseModel):
@@ -557,8 +568,8 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
             if field is None:
                 return []
             current = field.annotation
-        elif get_origin(current) is dict:
-            current = get_args(current)[1]
+        elif get_origin(current) in (dict, list):
+            current = get_args(current)[-1]
         else:
             return []
     current = _unwrap(current)

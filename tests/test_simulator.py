@@ -186,7 +186,7 @@ def _errors(text: str, config_text: str | None = CONFIG) -> str:
         (WORKLOAD + "pool: nope\n", "w.yaml:6: field 'pool': the config has no pool 'nope' (has: chat)"),
         (WORKLOAD.replace("  b: {", "  c: {"), "field 'backends.c': pool 'chat' has no backend 'c' (has: a, b)"),
         (WORKLOAD + "config: 3\n", "w.yaml:6: field 'config': must be an operator config (with 'pools')"),
-        ("requests: [1\n", "w.yaml:2: YAML syntax error"),
+        ("requests: [1\n", "w.yaml:2:1: YAML syntax error"),
         ("- 1\n", "the top level must be a mapping"),
     ],
 )

@@ -22,13 +22,23 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..config import STRATEGIES, Config, ConfigError, Objective, load_config, parse_config
+from ..config import (
+    STRATEGIES,
+    Config,
+    ConfigError,
+    Objective,
+    describe_error,
+    load_config,
+    parse_config,
+    read_yaml,
+    source_line,
+    where,
+)
 from .engine import Engine, request_cost
 
 TELEMETRY_STRATEGIES = ("health_aware", "cost_optimized", "performance_based", "quality_based",
@@ -115,18 +125,12 @@ def load_workload(path: str | Path, config: Config | None = None) -> Workload:
 def parse_workload(text: str, source: str = "<workload>", config: Config | None = None) -> Workload:
     """Validate a workload; cross-check it against `config`, else against its embedded config."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise WorkloadError([f"{where}: YAML syntax error: {getattr(exc, 'problem', None) or exc}"]) from None
-    if not isinstance(data, dict) or not isinstance(root, yaml.MappingNode):
-        raise WorkloadError([f"{source}:1: the top level must be a mapping (requests, backends, ...)"])
-    lines = _lines(root, (), {})
-    errors: list[str] = []
+        data, lines, errors = read_yaml(text, source, "'requests' and 'backends'", "requests, backends, ...")
+    except ConfigError as exc:
+        raise WorkloadError(exc.errors) from None
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
     if "config" in data and not isinstance(data["config"], dict):
-        errors.append(f"{_line(('config',), lines, source)}: field 'config': must be an operator config (with 'pools')")
+        errors.append(f"{source_line(('config',), lines, source)}: field 'config': must be an operator config (with 'pools')")
         data["config"] = None
     elif "config" in data:
         node = next(v for k, v in root.value if k.value == "config")
@@ -136,71 +140,18 @@ def parse_workload(text: str, source: str = "<workload>", config: Config | None 
         try:
             data["config"] = parse_config(snippet, source=source)
         except ConfigError as exc:
-            errors, data["config"] = list(exc.errors), None
+            errors, data["config"] = errors + list(exc.errors), None
     workload: Workload | None = None
     try:
         workload = Workload.model_validate(data)
     except ValidationError as exc:
-        errors += [_describe(e, lines, source) for e in exc.errors()]
+        errors += [describe_error(e, lines, source, model=Workload) for e in exc.errors()]
     if errors or workload is None:
         raise WorkloadError(errors)
     problems = _cross_check(config or workload.config, workload) if (config or workload.config) else []
     if problems:
-        raise WorkloadError([f"{_line(loc, lines, source)}: {_where(loc)}: {msg}" for loc, msg in problems])
+        raise WorkloadError([f"{source_line(loc, lines, source)}: {where(loc)}: {msg}" for loc, msg in problems])
     return workload
-
-
-def _lines(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> dict[tuple[Any, ...], int]:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            _lines(value, path + (key.value,), out)
-            out[path + (key.value,)] = key.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _lines(item, path + (i,), out)
-    return out
-
-
-def _line(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int], source: str) -> str:
-    for cut in range(len(loc), -1, -1):
-        if loc[:cut] in lines:
-            return f"{source}:{lines[loc[:cut]]}"
-    return source
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    return f"field {'.'.join(map(str, loc))!r}" if loc else "top level"
-
-
-def _describe(error: Any, lines: dict[tuple[Any, ...], int], source: str) -> str:
-    loc = tuple(error["loc"])
-    msg = str(error["msg"]).removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed(loc[:-1])
-        msg = f"unknown key {loc[-1]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-    elif error["type"] == "missing":
-        msg = "required field is missing"
-    elif not isinstance(error.get("input"), (dict, list, type(None))):
-        msg += f" (got {error['input']!r})"
-    return f"{_line(loc, lines, source)}: {_where(loc)}: {msg}"
-
-
-def _allowed(loc: tuple[Any, ...]) -> list[str]:
-    """The keys valid at `loc`, found by walking the models, so a typo comes with its fix."""
-    current: Any = Workload
-    for part in (*loc, None):
-        while get_origin(current) in (Union, UnionType):
-            current = next(a for a in get_args(current) if a is not type(None))
-        if part is None:
-            break
-        if get_origin(current) in (dict, list):
-            current = get_args(current)[-1]
-        elif isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
-            current = current.model_fields[part].annotation
-        else:
-            return []
-    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
 
 
 def _cross_check(config: Config, workload: Workload) -> list[tuple[tuple[Any, ...], str]]:
@@ -338,7 +289,7 @@ def simulate(config: Config, workload: Workload, strategy: str, requests: int | 
         raise ValueError(f"unknown strategy {strategy!r} (choose from {', '.join((*STRATEGIES, ORACLE))})")
     problems = _cross_check(config, workload)
     if problems:
-        raise WorkloadError([f"{_where(loc)}: {msg}" for loc, msg in problems])
+        raise WorkloadError([f"{where(loc)}: {msg}" for loc, msg in problems])
     pname = workload.pool or next(iter(config.pools))
     pool = config.pools[pname]
     n = workload.requests if requests is None else requests
