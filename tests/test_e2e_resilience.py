@@ -23,19 +23,6 @@ def chat_pool(backends: dict[str, MockBackend], **pool: object) -> dict:
     return {"chat": {"match": {"prefix": "/v1/"}, "timeout": "20s", **pool, "backends": spec}}
 
 
-@pytest.fixture
-def mocks():
-    started: list[MockBackend] = []
-
-    def make(name: str, *args: str) -> MockBackend:
-        started.append(MockBackend(name, args=list(args)))
-        return started[-1]
-
-    yield make
-    for backend in started:
-        backend.stop()
-
-
 def test_backend_killed_under_load_fails_no_request_and_is_ejected_fast(tmp_path, mocks):
     backends = {n: mocks(n) for n in ("a", "b", "c")}
     cp = ControlPlane(tmp_path, chat_pool(backends))

@@ -18,19 +18,6 @@ pytestmark = pytest.mark.e2e
 FAST = {"interval": "300ms", "smoothing": 1.0, "hysteresis": 0.01}
 
 
-@pytest.fixture
-def mocks():
-    started: list[MockBackend] = []
-
-    def make(name: str, *args: str) -> MockBackend:
-        started.append(MockBackend(name, args=list(args)))
-        return started[-1]
-
-    yield make
-    for backend in started:
-        backend.stop()
-
-
 def weights_of(cp: ControlPlane, pool: str = "chat") -> dict:
     code, body = http_json("GET", f"{cp.api}/v1/pools/{pool}/weights")
     assert code == 200, body
