@@ -49,8 +49,9 @@ class BackendStats:
                 latency_ms if self.latency_ewma_ms is None
                 else self.latency_ewma_ms + LATENCY_ALPHA * (latency_ms - self.latency_ewma_ms)
             )
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
+        if ok:  # a failed request's token counts are estimates of nothing served
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
         self.cost += cost
 
     def observe_feedback(self, score: float) -> None:

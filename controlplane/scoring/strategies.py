@@ -158,8 +158,9 @@ def decide(
         floor = min(floor, 1.0 / len(eligible))
         spare = 1.0 - floor * len(eligible)
         raw = {name: floor + spare * share for name, share in raw.items()}
-    # Health last, so a degraded backend gives up half of everything, its floor included.
-    shares.update(_apply_health(raw, {c.name: c.health for c in eligible}))
+    # Health last, so a degraded backend gives up half of everything, its floor included;
+    # but a budget shift stays on the cheapest, degraded or not (unhealthy ones are not eligible).
+    shares.update(raw if shift_to_cheapest else _apply_health(raw, {c.name: c.health for c in eligible}))
     for c in eligible:
         reasons.setdefault(c.name, _reason(strategy, c, shares[c.name], shift_to_cheapest))
     return Decision(shares, reasons)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -70,9 +71,10 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
     raw_quality = entry.response.response_headers.get("x-quality-score")
     if raw_quality:
         try:
-            quality = min(1.0, max(0.0, float(raw_quality)))
+            value = float(raw_quality)
         except ValueError:
-            quality = None
+            value = math.nan
+        quality = min(1.0, max(0.0, value)) if math.isfinite(value) else None
     ttfb = _ms(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None
     last = common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte") else common.duration
     return Observation(

@@ -15,7 +15,7 @@ HEALTHY, DEGRADED, UNHEALTHY = 1.0, 0.5, 0.0
 _STATUS = {"healthy": HEALTHY, "ok": HEALTHY, "up": HEALTHY, "pass": HEALTHY,
            "degraded": DEGRADED, "warn": DEGRADED,
            "unhealthy": UNHEALTHY, "down": UNHEALTHY, "fail": UNHEALTHY, "error": UNHEALTHY}
-_BAD_PARTS = {"down", "unhealthy", "error", "failed", "fail"}
+_BAD_PARTS = {"down", "unhealthy", "error", "failed", "fail", "degraded", "warn"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def judge_json(http_status: int, body: bytes) -> Verdict:
     broken = sorted(k for k, v in data.items()
                     if k != "status" and k.endswith("status") and isinstance(v, str) and v.lower() in _BAD_PARTS)
     if broken and score > DEGRADED:
-        return Verdict(DEGRADED, "degraded", f"says {raw!r} but {', '.join(broken)} report failure")
+        return Verdict(DEGRADED, "degraded", f"says {raw!r} but {', '.join(broken)} report trouble")
     if http_status >= 400 and score > DEGRADED:
         return Verdict(DEGRADED, "degraded", f"says {raw!r} with HTTP {http_status}")
     return Verdict(score, _status(score), f"says {raw!r}")

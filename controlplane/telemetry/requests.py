@@ -41,6 +41,7 @@ class RequestIndex:
 
     def wait(self, request_id: str, score: float, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        self._pending.pop(request_id, None)  # re-inserted at the end: the queue stays in time order
         self._pending[request_id] = (score, now)
         self.expire(now)
 
