@@ -8,6 +8,7 @@ the scoring loop and the health prober.
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import logging
 import time
@@ -80,7 +81,8 @@ class App:
         self.ledger: ledgers.Ledger = ledgers.SqliteLedger(state_dir / "ledger.sqlite3")
         self.requests = RequestIndex()
         self.access_log = accesslog.AccessLogService(self.observe)
-        self.alerter = Alerter(config.controlplane.alerts.webhook, config.controlplane.alerts.timeout.total_seconds())
+        self.alerter = Alerter()
+        self.alerter.configure(config.controlplane.alerts.webhook, config.controlplane.alerts.timeout.total_seconds())
         self.alert_book = AlertBook()
         self.budgets: dict[str, list[WindowState]] = {}
         self.rejected: dict[str, str] = {}  # pool -> why Envoy answers 429 for it
@@ -101,7 +103,8 @@ class App:
 
         cfg = self.config
         self.addresses = await resolver.resolve(self._hosts(cfg))
-        self.check_budgets()
+        # Thresholds crossed before a restart were alerted then: note them, do not send them again.
+        self.check_budgets(alert=False)
         self.engine.recompute(self.shifted)
         self.publish()
         self._grpc = await start_server(
@@ -190,17 +193,17 @@ class App:
             log.warning("%s: these changes need a restart and are not applied: %s", state.path, "; ".join(fixed))
         if self._hosts(new) - set(self.addresses):
             self.addresses = await resolver.resolve(self._hosts(new), self.addresses)
+        saved = copy.deepcopy(self.engine)  # sync() forgets removed backends: keep them until it works
         try:
             self.engine.sync(new)
             self.engine.recompute(self.shifted)
             self.publish(new)
         except Exception as exc:  # noqa: BLE001 - never let a bug take the live config down
             log.exception("cannot build Envoy resources for the edited config")
-            self.engine.sync(state.config)
-            self.engine.recompute(self.shifted)
+            self.engine = saved
             self._reject(f"{state.path}: cannot build Envoy resources: {exc}", digest)
             return False
-        self.alerter.webhook = new.controlplane.alerts.webhook
+        self.alerter.configure(new.controlplane.alerts.webhook, new.controlplane.alerts.timeout.total_seconds())
         state.config, state.digest = new, digest
         state.loaded_at, state.errors, state.rejected_digest = time.time(), [], ""
         state.reloads += 1
@@ -267,11 +270,11 @@ class App:
             log.info("deep health %s/%s: %s (%s)", pool, backend, verdict.status, verdict.detail)
         self.engine.observe_health(pool, backend, verdict.score, verdict.status, verdict.detail)
 
-    def spend(self, since: float) -> dict[tuple[str, str], ledgers.Spend]:
-        return self.ledger.spend(since)
-
-    def check_budgets(self, now: float | None = None) -> None:
+    def check_budgets(self, now: float | None = None, alert: bool = True) -> None:
         """Spend against each pool's budget: alerts at thresholds, the pool's action when exhausted."""
+        if all(pool.budget is None for pool in self.config.pools.values()):
+            self.budgets, self.shifted, self.rejected = {}, frozenset(), {}
+            return
         now = time.time() if now is None else now
         hour, day = ledgers.period_start(now, "hour"), ledgers.period_start(now, "day")
         spent_hour, spent_day = self.ledger.spend(hour), self.ledger.spend(day)
@@ -288,6 +291,8 @@ class App:
             budgets[pname] = states
             for state in states:
                 for threshold in self.alert_book.due(pname, pool.budget, state):
+                    if not alert:
+                        continue
                     exhausted = threshold >= 1.0
                     self.alerter.send(
                         "budget_exhausted" if exhausted else "budget_threshold",
@@ -335,15 +340,25 @@ class App:
             }
         return {"currency_note": "prices as configured per 1k tokens", "pools": pools}
 
-    async def _score(self) -> None:
+    async def _score(self, tick: float = 0.1) -> None:
+        """Each pool is rescored on its own `scoring.interval`."""
+        due: dict[str, float] = {}
         while True:
-            interval = min(p.scoring.interval.total_seconds() for p in self.config.pools.values())
-            await asyncio.sleep(interval)
+            await asyncio.sleep(tick)
             try:
+                now = time.monotonic()
+                pools = frozenset(
+                    name for name, pool in self.config.pools.items()
+                    if now >= due.setdefault(name, now + pool.scoring.interval.total_seconds())
+                )
+                if not pools:
+                    continue
+                for name in pools:
+                    due[name] = now + self.config.pools[name].scoring.interval.total_seconds()
                 before = dict(self.rejected)
                 self.check_budgets()
                 self.requests.expire()
-                if self.engine.recompute(self.shifted) or before != self.rejected:
+                if self.engine.recompute(self.shifted, pools) or before != self.rejected:
                     self.publish()
             except Exception:
                 log.exception("scoring failed; weights unchanged")
@@ -379,7 +394,9 @@ class App:
         while True:
             await asyncio.sleep(self.config.controlplane.resolve_interval.total_seconds())
             try:
-                self.addresses = await resolver.resolve(self._hosts(self.config), self.addresses)
+                resolved = await resolver.resolve(self._hosts(self.config), self.addresses)
+                # Merged, not replaced: a reload may have resolved new hosts while this one awaited.
+                self.addresses = {**self.addresses, **resolved}
                 self.publish()
             except Exception:
                 log.exception("DNS refresh failed")

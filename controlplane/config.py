@@ -39,7 +39,8 @@ STATIC_STRATEGIES = frozenset({"round_robin", "weighted", "least_request"})
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_FIELDS = frozenset({"api_key"})
+_SECRET_FIELDS = frozenset({"api_key"})  # only from the environment, never echoed
+_HIDDEN_FIELDS = _SECRET_FIELDS | {"webhook"}  # never echoed (webhook URLs often carry a token)
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -329,7 +330,7 @@ class Pool(_Model):
     circuit_breaker: CircuitBreaker = CircuitBreaker()
     retry: Retry = Retry()
     # Tier 0 takes min(100%, healthy% x factor) of traffic; the rest spills to tier 1.
-    overprovisioning_factor: float = Field(1.4, ge=1.0)
+    overprovisioning_factor: float = Field(1.4, ge=1.0, le=1000.0)
     # Below this healthy share Envoy would also send to unhealthy hosts; 0 never does.
     panic_threshold: float = Field(0.0, ge=0, le=100)
     scoring: Scoring = Scoring()
@@ -550,7 +551,7 @@ def describe_error(error: Any, lines: dict, source: str, model: type[BaseModel] 
         msg = f"needs at least one entry under {loc[-1]!r}"
     elif (
         loc
-        and loc[-1] not in _SECRET_FIELDS
+        and loc[-1] not in _HIDDEN_FIELDS
         and not isinstance(error.get("input"), (dict, list, type(None)))
         and repr(error["input"]) not in msg
     ):

@@ -502,3 +502,21 @@ def test_explain_reports_the_budget_shift() -> None:
     engine.recompute()
     assert engine.explain("chat")["shifted_to_cheapest"] is False
     assert engine.weights()["chat"]["b"] > 0
+
+
+def test_operator_weight_edit_smaller_than_hysteresis_still_goes_out() -> None:
+    text = """
+pools:
+  chat:
+    strategy: weighted
+    scoring: {hysteresis: 0.05}
+    backends:
+      a: {url: "http://127.0.0.1:1", weight: 50}
+      b: {url: "http://127.0.0.1:2", weight: 50}
+"""
+    engine = Engine()
+    engine.sync(parse_config(text, env={}))
+    engine.recompute()
+    engine.sync(parse_config(text.replace("weight: 50}\n      b", "weight: 51}\n      b"), env={}))
+    assert engine.recompute() is True
+    assert engine.weights()["chat"] == {"a": 51, "b": 50}

@@ -10,7 +10,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf.json_format import MessageToDict
 
 from controlplane.config import parse_config
-from controlplane.scoring.weights import config_weights
+from controlplane.scoring.weights import pool_weights
 from controlplane.xds import resources, types
 from controlplane.xds.snapshot import Snapshot
 
@@ -41,7 +41,7 @@ ADDRESSES = {"127.0.0.1": "127.0.0.1", "api.example.com": "203.0.113.7", "api.an
 
 def built():
     config = parse_config(CONFIG, env={"KEY_B": SECRET})
-    return config, resources.build(config, config_weights(config), ADDRESSES)
+    return config, resources.build(config, {name: pool_weights(p) for name, p in config.pools.items()}, ADDRESSES)
 
 
 def as_dict(message):
@@ -94,7 +94,7 @@ def test_unresolved_hosts_are_left_out():
 
 def test_round_robin_sets_equal_weights():
     config = parse_config(CONFIG.replace("strategy: weighted", "strategy: round_robin"), env={"KEY_B": SECRET})
-    assert config_weights(config)["chat"] == {"local-a": 1, "provider-b": 1, "fallback": 1, "claude": 1}
+    assert {name: pool_weights(p) for name, p in config.pools.items()}["chat"] == {"local-a": 1, "provider-b": 1, "fallback": 1, "claude": 1}
 
 
 def test_credentials_are_set_by_upstream_filters_per_header():
@@ -154,9 +154,9 @@ def test_listener_uses_rds_over_ads_on_configured_address():
 def test_builders_are_deterministic_and_weight_change_touches_only_eds():
     config, res = built()
     first = Snapshot.of(res)
-    again = Snapshot.of(resources.build(config, config_weights(config), ADDRESSES))
+    again = Snapshot.of(resources.build(config, {name: pool_weights(p) for name, p in config.pools.items()}, ADDRESSES))
     assert first.versions == again.versions
-    weights = config_weights(config)
+    weights = {name: pool_weights(p) for name, p in config.pools.items()}
     weights["chat"]["local-a"] = 7
     changed = Snapshot.of(resources.build(config, weights, ADDRESSES))
     assert [types.SHORT[t] for t in types.PUSH_ORDER if changed.version(t) != first.version(t)] == ["EDS"]
@@ -199,7 +199,7 @@ pools:
 
 def resilient():
     config = parse_config(RESILIENT, env={})
-    return config, resources.build(config, config_weights(config), ADDRESSES, drained=frozenset({("chat", "b")}))
+    return config, resources.build(config, {name: pool_weights(p) for name, p in config.pools.items()}, ADDRESSES, drained=frozenset({("chat", "b")}))
 
 
 def test_health_check_outlier_and_breakers_follow_the_pool():
@@ -270,3 +270,10 @@ def test_listener_limits():
     assert manager.max_request_headers_kb.value == 32
     assert manager.common_http_protocol_options.max_headers_count.value == 100
     assert manager.request_headers_timeout.seconds == 10
+
+
+def test_scored_out_backend_is_left_out_not_published_unhealthy():
+    config = parse_config(RESILIENT, env={})
+    cla = resources.load_assignment("chat", config.pools["chat"], {"a": 0, "b": 5}, ADDRESSES)
+    names = [e.metadata.filter_metadata["llm_lb"]["backend"] for loc in cla.endpoints for e in loc.lb_endpoints]
+    assert names == ["b"], "a weight-0 endpoint would count against its tier's health"

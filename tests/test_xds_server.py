@@ -10,7 +10,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 from controlplane.config import parse_config
-from controlplane.scoring.weights import config_weights
+from controlplane.scoring.weights import pool_weights
 from controlplane.xds import resources, types
 from controlplane.xds.server import AdsServer, SnapshotCache, start_server
 from controlplane.xds.snapshot import Snapshot
@@ -30,7 +30,7 @@ ADDRESSES = {"127.0.0.1": "127.0.0.1"}
 def snapshot(weight_a: int = 3, prefix: str = "/") -> Snapshot:
     text = CONFIG.replace("weight: 3", f"weight: {weight_a}")
     config = parse_config(text.replace("  chat:\n", f"  chat:\n    match: {{prefix: {prefix}}}\n"), env={})
-    return Snapshot.of(resources.build(config, config_weights(config), ADDRESSES))
+    return Snapshot.of(resources.build(config, {name: pool_weights(p) for name, p in config.pools.items()}, ADDRESSES))
 
 
 def request(type_url: str, version: str = "", nonce: str = "", names=(), error: str | None = None, node: str = "n1"):

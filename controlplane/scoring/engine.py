@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import STATIC_STRATEGIES, Backend, Config, Pool
+from ..config import STATIC_STRATEGIES, Backend, Config, Objective, Pool
 from .stats import BackendStats
 from .strategies import Candidate, Decision, decide
 from .weights import pool_weights
@@ -21,11 +21,26 @@ DEFAULT_MIX = (500, 200)  # prompt, completion tokens per request until some are
 REWARD_DECAY = 0.995  # per observation of a backend: old evidence fades for re-convergence
 DEFAULT_LATENCY_REF_MS = 5000.0
 
-Weights = dict[str, dict[str, int]]
+Weights = dict[str, dict[str, int]]  # pool -> backend -> weight
 
 
-def request_cost(backend: Backend, prompt_tokens: int, completion_tokens: int) -> float:
+def request_cost(backend: Backend, prompt_tokens: float, completion_tokens: float) -> float:
     return (backend.cost.input_per_1k * prompt_tokens + backend.cost.output_per_1k * completion_tokens) / 1000.0
+
+
+def objective_reward(
+    objective: Objective, quality: float, cost: float, latency_ms: float, cost_ref: float, latency_ref: float
+) -> float:
+    """A successful request's reward in 0..1: quality, cheapness and speed weighted by the objective."""
+    total = objective.quality + objective.cost + objective.latency
+    if total <= 0:
+        return 1.0
+    value = (
+        objective.quality * quality
+        + objective.cost * (1.0 - min(1.0, cost / cost_ref))
+        + objective.latency * (1.0 - min(1.0, latency_ms / latency_ref))
+    )
+    return max(0.0, min(1.0, value / total))
 
 
 def to_weights(shares: dict[str, float]) -> dict[str, int]:
@@ -96,7 +111,8 @@ class Engine:
             return 0.0
         cost = request_cost(cfg, prompt_tokens, completion_tokens) if ok else 0.0
         st.observe(ok, latency_ms, prompt_tokens, completion_tokens, cost)
-        st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), REWARD_DECAY)
+        if self.config.pools[pool].strategy == "adaptive_learning":  # the only reader of the reward posterior
+            st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), REWARD_DECAY)
         return cost
 
     def observe_feedback(self, pool: str, backend: str, score: float) -> bool:
@@ -115,20 +131,10 @@ class Engine:
         """One request's reward in 0..1 by the pool's objective; a failure earns nothing."""
         if not ok:
             return 0.0
-        p = self.config.pools[pool]
-        obj = p.scoring.objective
-        st = self.stats[(pool, backend)]
-        cost_ref = max(self._unit_costs(pool).values()) or 1.0
-        latency_ref = self._latency_ref(pool)
-        total = obj.quality + obj.cost + obj.latency
-        if total <= 0:
-            return 1.0
-        value = (
-            obj.quality * st.quality
-            + obj.cost * (1.0 - min(1.0, cost / cost_ref))
-            + obj.latency * (1.0 - min(1.0, latency_ms / latency_ref))
+        return objective_reward(
+            self.config.pools[pool].scoring.objective, self.stats[(pool, backend)].quality, cost, latency_ms,
+            max(self._unit_costs(pool).values()) or 1.0, self._latency_ref(pool),
         )
-        return max(0.0, min(1.0, value / total))
 
     def _mix(self, pool: str) -> tuple[float, float]:
         prompt = completion = n = 0
@@ -141,10 +147,7 @@ class Engine:
 
     def _unit_costs(self, pool: str) -> dict[str, float]:
         prompt, completion = self._mix(pool)
-        return {
-            name: (b.cost.input_per_1k * prompt + b.cost.output_per_1k * completion) / 1000.0
-            for name, b in self.config.pools[pool].backends.items()
-        }
+        return {name: request_cost(b, prompt, completion) for name, b in self.config.pools[pool].backends.items()}
 
     def _latency_ref(self, pool: str) -> float:
         seen = [st.latency_ms for (p, _), st in self.stats.items() if p == pool and st.latency_ms]
@@ -166,11 +169,12 @@ class Engine:
             )
         return out
 
-    def recompute(self, shift_to_cheapest: frozenset[str] = frozenset()) -> bool:
-        """New weights for every pool; True if any pool's weights changed enough to push."""
+    def recompute(self, shift_to_cheapest: frozenset[str] = frozenset(), pools: frozenset[str] | None = None) -> bool:
+        """New weights for every pool (or those named); True if any changed enough to push."""
         changed = False
         for pname, pool in self.config.pools.items():
-            changed |= self._recompute_pool(pname, pool, pname in shift_to_cheapest)
+            if pools is None or pname in pools:
+                changed |= self._recompute_pool(pname, pool, pname in shift_to_cheapest)
         return changed
 
     def _recompute_pool(self, pname: str, pool: Pool, shift: bool) -> bool:
@@ -194,7 +198,8 @@ class Engine:
             # A backend taken out (unhealthy, below quality) leaves at once, not smoothly.
             smoothed = {n: (0.0 if target[n] == 0 else s) for n, s in smoothed.items()}
         state.smoothed = smoothed
-        if not self._significant(state.published, smoothed, pool.scoring.hysteresis):
+        # Hysteresis spares Envoy telemetry noise; an operator's own edit always goes out.
+        if not static and not self._significant(state.published, smoothed, pool.scoring.hysteresis):
             return False
         state.published = dict(smoothed)
         if pool.strategy in STATIC_STRATEGIES and pool.deep_health is None and not shift:

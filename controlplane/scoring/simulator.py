@@ -39,10 +39,10 @@ from ..config import (
     source_line,
     where,
 )
-from .engine import Engine, request_cost
+from .engine import Engine, objective_reward, request_cost
+from .strategies import STRATEGY_FUNCTIONS
 
-TELEMETRY_STRATEGIES = ("health_aware", "cost_optimized", "performance_based", "quality_based",
-                        "adaptive_learning", "balanced")
+TELEMETRY_STRATEGIES = tuple(STRATEGY_FUNCTIONS)
 ORACLE = "oracle"
 
 
@@ -244,13 +244,9 @@ class Yardstick:
     latency_ref: float
 
     def reward(self, ok: bool, quality: float, cost: float, latency_ms: float) -> float:
-        obj = self.objective
-        total = obj.quality + obj.cost + obj.latency
-        if not ok or total <= 0:
-            return 0.0 if not ok else 1.0
-        value = (obj.quality * quality + obj.cost * (1.0 - min(1.0, cost / self.cost_ref))
-                 + obj.latency * (1.0 - min(1.0, latency_ms / self.latency_ref)))
-        return max(0.0, min(1.0, value / total))
+        if not ok:
+            return 0.0
+        return objective_reward(self.objective, quality, cost, latency_ms, self.cost_ref, self.latency_ref)
 
     def expected(self, truth: Truth, unit_cost: float) -> float:
         return (1.0 - truth.error_rate) * self.reward(True, truth.quality.mean, unit_cost, truth.latency_ms.mean)

@@ -5,9 +5,7 @@ Nothing in scoring knows about protobufs or gRPC.
 
 from __future__ import annotations
 
-from ..config import Config, Pool
-
-Weights = dict[str, dict[str, int]]  # pool -> backend -> weight
+from ..config import Pool
 
 
 def pool_weights(pool: Pool) -> dict[str, int]:
@@ -15,7 +13,3 @@ def pool_weights(pool: Pool) -> dict[str, int]:
         return {name: 1 for name in pool.backends}
     # weighted and least_request both honour the operator's weights
     return {name: backend.weight for name, backend in pool.backends.items()}
-
-
-def config_weights(config: Config) -> Weights:
-    return {name: pool_weights(pool) for name, pool in config.pools.items()}

@@ -18,7 +18,7 @@ Sink = Callable[[str, str, Verdict], None]
 
 
 async def probe(session: aiohttp.ClientSession, backend: Backend, path: str, fmt: str, timeout: float) -> Verdict:
-    headers = {"host": backend.host}
+    headers = {}
     if backend.auth_value is not None:  # /models needs the key; it is never logged
         headers[backend.api_key_header] = backend.auth_value
     try:
@@ -43,7 +43,10 @@ class Prober:
     async def run(self) -> None:
         async with aiohttp.ClientSession() as session:
             while True:
-                await self.tick(session)
+                try:
+                    await self.tick(session)
+                except Exception:  # keep probing whatever one round did
+                    log.exception("health probe round failed")
                 await asyncio.sleep(0.25)
 
     async def tick(self, session: aiohttp.ClientSession) -> None:

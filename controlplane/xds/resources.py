@@ -439,13 +439,15 @@ def _upstream_codec() -> hcm_pb2.HttpFilter:
 def load_assignment(
     name: str, pool: Pool, weights: Mapping[str, int], addresses: Addresses, drained: frozenset[str] = frozenset()
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """One locality per priority tier, in tier order; backends whose host is not resolved yet are left out."""
+    """One locality per priority tier, in tier order."""
     tiers: dict[int, list[endpoint_components_pb2.LbEndpoint]] = {}
     for backend_name, backend in sorted(pool.backends.items()):
         ip = addresses.get(backend.host)
-        if ip is None:
-            continue
         weight = weights.get(backend_name, backend.weight)
+        if ip is None or weight == 0:
+            # Unresolved, or scored out: left out, not published unhealthy, which would count
+            # against its tier's health and spill traffic to the next tier. In-flight requests finish.
+            continue
         metadata: dict[str, object] = {"pool": name, "backend": backend_name}
         if backend.auth_value is not None:
             metadata[backend.api_key_header] = backend.auth_value
@@ -461,15 +463,10 @@ def load_assignment(
                     hostname=backend.host,
                     health_check_config=endpoint_components_pb2.Endpoint.HealthCheckConfig(hostname=backend.host),
                 ),
-                # Envoy needs weight >= 1: a weight of 0 is published as an unhealthy endpoint.
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, weight)),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
                 metadata=base_pb2.Metadata(filter_metadata=filter_metadata),
                 # Draining: no new requests; requests in flight finish on their open connections.
-                health_status=(
-                    health_check_pb2.DRAINING if backend_name in drained
-                    else health_check_pb2.UNHEALTHY if weight == 0
-                    else health_check_pb2.UNKNOWN
-                ),
+                health_status=health_check_pb2.DRAINING if backend_name in drained else health_check_pb2.UNKNOWN,
             )
         )
     return endpoint_pb2.ClusterLoadAssignment(
