@@ -17,6 +17,7 @@ import math
 import os
 import random
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -49,6 +50,8 @@ class MockSettings:
     chunk_delay_ms: float = 5.0
     health_status: str = "healthy"
     require_key_env: str | None = None  # name of the env var holding the key, never the key
+    tls_cert: str | None = None  # PEM files: serve HTTPS, as hosted providers do
+    tls_key: str | None = None
     seed: int = 0
     verbose: bool = False
 
@@ -111,6 +114,10 @@ class MockServer(ThreadingHTTPServer):
             ("requests", "completions", "errors", "in_flight", "prompt_tokens", "completion_tokens"), 0
         )
         super().__init__((host, port), MockHandler)
+        if settings.tls_cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
 
     def bump(self, **deltas: int) -> None:
         with self.lock:
@@ -406,6 +413,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[MockSettings, str, int]:
     p.add_argument("--chunk-delay-ms", type=float, default=5.0)
     p.add_argument("--health-status", choices=list(HEALTH), default="healthy")
     p.add_argument("--require-key-env", metavar="VAR", help="env var holding the required API key")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (and --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     a = p.parse_args(argv)
@@ -416,6 +425,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[MockSettings, str, int]:
             check(getattr(a, field))
         except InvalidInputError as exc:
             p.error(f"--{field.replace('_', '-')}: {exc}")
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
     if a.require_key_env and not os.environ.get(a.require_key_env):
         p.error(f"--require-key-env: environment variable {a.require_key_env} is not set")
     names = {f.name for f in dataclasses.fields(MockSettings)}
@@ -432,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         backend = MockBackend(settings, host, port).start()
     except OSError as exc:  # e.g. port in use: one clear line instead of a traceback
         sys.exit(f"mockbackend {settings.name}: cannot listen on {host}:{port}: {exc}")
-    print(f"mockbackend {settings.name} listening on http://{host}:{backend.port}", flush=True)
+    scheme = "https" if settings.tls_cert else "http"
+    print(f"mockbackend {settings.name} listening on {scheme}://{host}:{backend.port}", flush=True)
     while not stop.wait(0.5):
         pass
     backend.stop()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import subprocess
 from collections import Counter
 
 import openai
 import pytest
+import yaml
 
 from .harness import ControlPlane, MockBackend, chat_body, spread
 
@@ -88,3 +90,39 @@ def test_each_endpoint_gets_its_own_key_and_keys_never_leak(cp_with_keys):
         assert secret not in status_text
         assert secret not in scraped
         assert secret not in cp.log_text()
+
+
+def test_https_backend_gets_tls_with_sni_its_own_host_and_key(tmp_path):
+    """An https URL: Envoy verifies the backend's certificate for its host name and sends the key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    env = {"E2E_TLS_KEY": KEY_A}
+    secure = MockBackend("secure", args=["--tls-cert", str(cert), "--tls-key", str(key),
+                                         "--require-key-env", "E2E_TLS_KEY"], env=env)
+    cp = ControlPlane(tmp_path, None, env=env, start=False)
+    doc = cp.document({"chat": {"match": {"prefix": "/v1/"}, "backends": {
+        "secure": {"url": f"https://localhost:{secure.port}", "api_key": "${E2E_TLS_KEY}"}}}})
+    doc["envoy"]["ca_file"] = str(cert)
+    cp.write_config(text=yaml.safe_dump(doc))
+    try:
+        cp.start()
+        assert cp.status()["pools"]["chat"]["backends"]["secure"]["address"] == "127.0.0.1"
+        counts, statuses = spread(cp.listener, 20, clients=2)
+        assert statuses == Counter({200: 20}) and counts == Counter({"secure": 20})
+        ssl_stats = cp.envoy_stats("cluster.chat.ssl.")
+        assert ssl_stats["cluster.chat.ssl.handshake"] >= 1 and ssl_stats["cluster.chat.ssl.fail_verify_san"] == 0
+
+        # The same server under a name its certificate does not carry: refused, not trusted.
+        doc["pools"]["chat"]["backends"]["secure"]["url"] = f"https://127.0.0.1:{secure.port}"
+        cp.write_config(text=yaml.safe_dump(doc))
+        cp.wait_applied()
+        _, statuses = spread(cp.listener, 4, clients=1)
+        assert statuses == Counter({503: 4})
+        assert cp.envoy_stats("cluster.chat.ssl.fail_verify_san")["cluster.chat.ssl.fail_verify_san"] > 0
+    finally:
+        cp.stop()
+        secure.stop()

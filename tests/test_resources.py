@@ -77,7 +77,7 @@ def test_endpoints_carry_weight_priority_hostname_and_tls_marker():
     b = tier0["provider-b"]
     assert b["endpoint"]["address"]["socket_address"] == {"address": "203.0.113.7", "port_value": 443}
     assert b["endpoint"]["hostname"] == "api.example.com"
-    assert b["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == {"tls": True}
+    assert b["metadata"]["filter_metadata"]["envoy.transport_socket_match"] == {"tls_host": "api.example.com"}
     assert b["metadata"]["filter_metadata"]["llm_lb"]["authorization"] == f"Bearer {SECRET}"
     assert "envoy.transport_socket_match" not in tier0["local-a"]["metadata"]["filter_metadata"]
     assert "authorization" not in tier0["local-a"]["metadata"]["filter_metadata"]["llm_lb"]
@@ -108,22 +108,28 @@ def test_credentials_are_set_by_upstream_filters_per_header():
     assert header.header.key == "authorization"
     assert header.header.value == "%UPSTREAM_METADATA(llm_lb:authorization)%"
     assert header.append_action == header.OVERWRITE_IF_EXISTS_OR_ADD
-    assert options.upstream_http_protocol_options.auto_sni
-    assert options.upstream_http_protocol_options.auto_san_validation
+    # auto_sni would take SNI from the app's Host header: each TLS host has its own socket instead
+    assert not options.upstream_http_protocol_options.auto_sni
     # no keys in the rag pool: no credential filter, no TLS
     rag = protocol_options(res[types.CLUSTER]["rag"])
     assert [f.name for f in rag.http_filters] == ["envoy.filters.http.upstream_codec"]
     assert not res[types.CLUSTER]["rag"].transport_socket_matches
 
 
-def test_tls_match_uses_the_configured_ca_and_secrets_stay_out_of_clusters():
+def test_each_tls_host_gets_its_own_sni_and_san_check_and_secrets_stay_out_of_clusters():
     _, res = built()
     chat = res[types.CLUSTER]["chat"]
-    (match,) = chat.transport_socket_matches
-    assert dict(match.match) == {"tls": True}
+    matches = {m.name: m for m in chat.transport_socket_matches}
+    assert sorted(matches) == ["tls:api.anthropic.test", "tls:api.example.com"]
+    match = matches["tls:api.example.com"]
+    assert dict(match.match) == {"tls_host": "api.example.com"}
     tls = tls_pb2.UpstreamTlsContext()
     match.transport_socket.typed_config.Unpack(tls)
-    assert tls.common_tls_context.validation_context.trusted_ca.filename == "/etc/ssl/certs/ca-certificates.crt"
+    assert tls.sni == "api.example.com"
+    validation = tls.common_tls_context.validation_context
+    assert validation.trusted_ca.filename == "/etc/ssl/certs/ca-certificates.crt"
+    (san,) = validation.match_typed_subject_alt_names
+    assert san.matcher.exact == "api.example.com" and san.san_type == san.DNS
     for cluster in res[types.CLUSTER].values():
         assert SECRET.encode() not in cluster.SerializeToString()
 
@@ -277,3 +283,9 @@ def test_scored_out_backend_is_left_out_not_published_unhealthy():
     cla = resources.load_assignment("chat", config.pools["chat"], {"a": 0, "b": 5}, ADDRESSES)
     names = [e.metadata.filter_metadata["llm_lb"]["backend"] for loc in cla.endpoints for e in loc.lb_endpoints]
     assert names == ["b"], "a weight-0 endpoint would count against its tier's health"
+
+
+def test_tls_to_an_ip_checks_the_ip_san_and_sends_no_sni():
+    tls = resources.upstream_tls("/ca.pem", "203.0.113.9")
+    (san,) = tls.common_tls_context.validation_context.match_typed_subject_alt_names
+    assert tls.sni == "" and san.san_type == san.IP_ADDRESS and san.matcher.exact == "203.0.113.9"

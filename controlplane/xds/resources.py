@@ -6,6 +6,7 @@ Envoy feature touches one builder and its test.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Mapping
 from datetime import timedelta
@@ -35,6 +36,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.tracing.v3 import custom_tag_pb2
 from envoy.type.v3 import percent_pb2, range_pb2
@@ -280,17 +282,13 @@ def _any_by_name(full_name: str) -> any_pb2.Any:
 
 
 def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
-    any_tls = any(b.tls for b in pool.backends.values())
+    tls_hosts = sorted({b.host for b in pool.backends.values() if b.tls})
     options = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http_protocol_options=protocol_pb2.Http1ProtocolOptions()
         ),
         http_filters=[*_credential_filters(pool), _upstream_codec()],
     )
-    if any_tls:
-        # SNI and certificate check follow each endpoint's own host name.
-        options.upstream_http_protocol_options.auto_sni = True
-        options.upstream_http_protocol_options.auto_san_validation = True
     lb_policy = (
         cluster_pb2.Cluster.LEAST_REQUEST if pool.strategy == "least_request" else cluster_pb2.Cluster.ROUND_ROBIN
     )
@@ -314,14 +312,16 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
         out.outlier_detection.CopyFrom(outlier_detection(pool.outlier_detection))
     if pool.health_check is not None:
         out.health_checks.append(health_check(pool.health_check))
-    if any_tls:
+    # One TLS socket per host name, chosen by endpoint metadata: Envoy's auto_sni would take
+    # SNI from the app's Host header (chosen before the endpoint is), not the backend's.
+    for host in tls_hosts:
         out.transport_socket_matches.append(
             cluster_pb2.Cluster.TransportSocketMatch(
-                name="tls",
-                match=_struct({"tls": True}),
+                name=f"tls:{host}",
+                match=_struct({"tls_host": host}),
                 transport_socket=base_pb2.TransportSocket(
                     name="envoy.transport_sockets.tls",
-                    typed_config=_any(_upstream_tls(config.envoy.ca_file)),
+                    typed_config=_any(upstream_tls(config.envoy.ca_file, host)),
                 ),
             )
         )
@@ -388,13 +388,25 @@ def circuit_breakers(cb: CircuitBreaker) -> circuit_breaker_pb2.CircuitBreakers:
     return circuit_breaker_pb2.CircuitBreakers(thresholds=[thresholds])
 
 
-def _upstream_tls(ca_file: str) -> tls_pb2.UpstreamTlsContext:
+def upstream_tls(ca_file: str, host: str) -> tls_pb2.UpstreamTlsContext:
+    """TLS to one backend host: its name as SNI, and its certificate must name it."""
+    try:
+        ipaddress.ip_address(host)
+        san_type, sni = tls_common_pb2.SubjectAltNameMatcher.IP_ADDRESS, ""  # no SNI for an IP
+    except ValueError:
+        san_type, sni = tls_common_pb2.SubjectAltNameMatcher.DNS, host
     return tls_pb2.UpstreamTlsContext(
+        sni=sni,
         common_tls_context=tls_pb2.CommonTlsContext(
             validation_context=tls_common_pb2.CertificateValidationContext(
-                trusted_ca=base_pb2.DataSource(filename=ca_file)
+                trusted_ca=base_pb2.DataSource(filename=ca_file),
+                match_typed_subject_alt_names=[
+                    tls_common_pb2.SubjectAltNameMatcher(
+                        san_type=san_type, matcher=string_pb2.StringMatcher(exact=host)
+                    )
+                ],
             )
-        )
+        ),
     )
 
 
@@ -453,7 +465,7 @@ def load_assignment(
             metadata[backend.api_key_header] = backend.auth_value
         filter_metadata = {METADATA_NS: _struct(metadata)}
         if backend.tls:
-            filter_metadata[_TLS_MATCH_NS] = _struct({"tls": True})
+            filter_metadata[_TLS_MATCH_NS] = _struct({"tls_host": backend.host})
         tiers.setdefault(backend.priority, []).append(
             endpoint_components_pb2.LbEndpoint(
                 endpoint=endpoint_components_pb2.Endpoint(
