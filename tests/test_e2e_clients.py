@@ -11,7 +11,7 @@ import openai
 import pytest
 import yaml
 
-from .harness import ControlPlane, MockBackend, chat_body, spread
+from .harness import ControlPlane, MockBackend, chat_body, http_json, spread, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -104,7 +104,7 @@ def test_https_backend_gets_tls_with_sni_its_own_host_and_key(tmp_path):
     secure = MockBackend("secure", args=["--tls-cert", str(cert), "--tls-key", str(key),
                                          "--require-key-env", "E2E_TLS_KEY"], env=env)
     cp = ControlPlane(tmp_path, None, env=env, start=False)
-    doc = cp.document({"chat": {"match": {"prefix": "/v1/"}, "backends": {
+    doc = cp.document({"chat": {"match": {"prefix": "/v1/"}, "deep_health": {"interval": "200ms"}, "backends": {
         "secure": {"url": f"https://localhost:{secure.port}", "api_key": "${E2E_TLS_KEY}"}}}})
     doc["envoy"]["ca_file"] = str(cert)
     cp.write_config(text=yaml.safe_dump(doc))
@@ -113,6 +113,8 @@ def test_https_backend_gets_tls_with_sni_its_own_host_and_key(tmp_path):
         assert cp.status()["pools"]["chat"]["backends"]["secure"]["address"] == "127.0.0.1"
         counts, statuses = spread(cp.listener, 20, clients=2)
         assert statuses == Counter({200: 20}) and counts == Counter({"secure": 20})
+        wait_for(lambda: http_json("GET", f"{cp.api}/v1/pools/chat/weights")[1]["backends"]["secure"]["health"]
+                 ["status"] == "healthy", what="the deep health probe over TLS, trusting envoy.ca_file")
         ssl_stats = cp.envoy_stats("cluster.chat.ssl.")
         assert ssl_stats["cluster.chat.ssl.handshake"] >= 1 and ssl_stats["cluster.chat.ssl.fail_verify_san"] == 0
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
+import ssl
 import time
 from collections.abc import Callable
 
@@ -17,13 +20,24 @@ log = logging.getLogger("controlplane.health")
 Sink = Callable[[str, str, Verdict], None]
 
 
-async def probe(session: aiohttp.ClientSession, backend: Backend, path: str, fmt: str, timeout: float) -> Verdict:
+@functools.lru_cache(maxsize=8)
+def _tls_context(ca_file: str) -> ssl.SSLContext | bool:
+    """Trust what Envoy trusts (envoy.ca_file) when this machine has that file, else the system's CAs."""
+    if os.path.isfile(ca_file):
+        return ssl.create_default_context(cafile=ca_file)
+    return True
+
+
+async def probe(
+    session: aiohttp.ClientSession, backend: Backend, path: str, fmt: str, timeout: float, ca_file: str = ""
+) -> Verdict:
     headers = {}
     if backend.auth_value is not None:  # /models needs the key; it is never logged
         headers[backend.api_key_header] = backend.auth_value
     try:
         async with session.get(backend.url.rstrip("/") + path, headers=headers,
-                               timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False) as resp:
+                               timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
+                               ssl=_tls_context(ca_file) if backend.tls and ca_file else True) as resp:
             body = await resp.content.read(256 * 1024)
             if fmt == "openai_models":
                 return judge_models(resp.status, body, dict(resp.headers))
@@ -53,7 +67,8 @@ class Prober:
         """Probe whatever is due, concurrently."""
         now = time.monotonic()
         due = []
-        for pname, pool in self.config_source().pools.items():
+        config = self.config_source()
+        for pname, pool in config.pools.items():
             deep = pool.deep_health
             if deep is None:
                 continue
@@ -61,7 +76,7 @@ class Prober:
                 if now - self._last.get((pname, bname), -1e9) >= deep.interval.total_seconds():
                     self._last[(pname, bname)] = now
                     due.append((pname, bname, probe(session, backend, deep.path, deep.format,
-                                                    deep.timeout.total_seconds())))
+                                                    deep.timeout.total_seconds(), config.envoy.ca_file)))
         if not due:
             return
         results = await asyncio.gather(*(c for _, _, c in due))
