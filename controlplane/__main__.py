@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
     from .app import App
-    from .demo import start_mock_backends, stop_processes
+    from .demo.backends import start_mock_backends, stop_processes
 
     state_dir = Path(args.state_dir)
     mocks = start_mock_backends(config, state_dir) if args.mock_backends else []

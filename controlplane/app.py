@@ -28,7 +28,7 @@ from .telemetry import accesslog
 from .telemetry.health import Verdict
 from .telemetry.prober import Prober
 from .telemetry.requests import RequestIndex
-from .xds import resources, types
+from .xds import resources, typeurls
 from .xds.server import AdsServer, SnapshotCache, start_server
 from .xds.snapshot import Snapshot
 
@@ -162,7 +162,7 @@ class App:
         self.weights = weights
         previous = self.cache.snapshot
         changed = [
-            types.SHORT[t] for t in types.PUSH_ORDER if previous is None or previous.version(t) != snapshot.version(t)
+            typeurls.SHORT[t] for t in typeurls.PUSH_ORDER if previous is None or previous.version(t) != snapshot.version(t)
         ]
         if changed:
             self.cache.set(snapshot)
@@ -413,7 +413,7 @@ class App:
                 "last_edit": "rejected" if state.errors else "applied",
                 "errors": state.errors,
             },
-            "snapshot": {types.SHORT[t]: snapshot.version(t) for t in types.PUSH_ORDER} if snapshot else {},
+            "snapshot": {typeurls.SHORT[t]: snapshot.version(t) for t in typeurls.PUSH_ORDER} if snapshot else {},
             "envoy": {
                 "managed": self.envoy is not None,
                 "pid": self.envoy.pid if self.envoy else None,
@@ -445,4 +445,4 @@ class App:
 
 
 def _versions(snapshot: Snapshot) -> str:
-    return " ".join(f"{types.SHORT[t]}={snapshot.version(t)}" for t in types.PUSH_ORDER)
+    return " ".join(f"{typeurls.SHORT[t]}={snapshot.version(t)}" for t in typeurls.PUSH_ORDER)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .xds import types
+from .xds import typeurls
 
 if TYPE_CHECKING:
     from .app import App
@@ -36,7 +36,7 @@ class AppCollector(Collector):
             ("llm_lb_xds_nacks", app.ads.stats.nacks, "xDS responses Envoy rejected"),
         ):
             family = CounterMetricFamily(name, help_text, labels=["type"])
-            for short in types.SHORT.values():
+            for short in typeurls.SHORT.values():
                 family.add_metric([short], counter.get(short, 0))
             yield family
         yield GaugeMetricFamily(

@@ -86,7 +86,7 @@ class MockBackend:
         self.name = name
         self.port = port or free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.mockbackend", "--port", str(self.port), "--name", name, *(args or [])],
+            [sys.executable, "-m", "controlplane.demo.mockbackend", "--port", str(self.port), "--name", name, *(args or [])],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})},
         )

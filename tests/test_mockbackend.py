@@ -18,7 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from controlplane.mockbackend import MockBackend, MockSettings, main
+from controlplane.demo.mockbackend import MockBackend, MockSettings, main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
@@ -263,7 +263,7 @@ def _readline(proc: subprocess.Popen[bytes], deadline: float) -> str:
 def test_cli_subprocess_serves_and_exits_cleanly_on_sigterm() -> None:
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "controlplane.mockbackend", "--port", str(port), "--name", "cli-b"]
+    cmd = [sys.executable, "-m", "controlplane.demo.mockbackend", "--port", str(port), "--name", "cli-b"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         line = _readline(proc, time.monotonic() + 15)

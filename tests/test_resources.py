@@ -11,7 +11,7 @@ from google.protobuf.json_format import MessageToDict
 
 from controlplane.config import parse_config
 from controlplane.scoring.weights import pool_weights
-from controlplane.xds import resources, types
+from controlplane.xds import resources, typeurls
 from controlplane.xds.snapshot import Snapshot
 
 SECRET = "sk-unit-test-secret"
@@ -56,7 +56,7 @@ def protocol_options(cluster: cluster_pb2.Cluster) -> http_protocol_options_pb2.
 
 def test_one_cluster_per_pool_with_strategy_and_eds():
     _, res = built()
-    clusters = res[types.CLUSTER]
+    clusters = res[typeurls.CLUSTER]
     assert set(clusters) == {"chat", "rag"}
     chat, rag = clusters["chat"], clusters["rag"]
     assert chat.type == cluster_pb2.Cluster.EDS and chat.eds_cluster_config.service_name == "chat"
@@ -68,7 +68,7 @@ def test_one_cluster_per_pool_with_strategy_and_eds():
 
 def test_endpoints_carry_weight_priority_hostname_and_tls_marker():
     _, res = built()
-    cla = as_dict(res[types.ENDPOINT]["chat"])
+    cla = as_dict(res[typeurls.ENDPOINT]["chat"])
     tiers = {loc.get("priority", 0): loc["lb_endpoints"] for loc in cla["endpoints"]}
     assert sorted(tiers) == [0, 1], "priorities 0 and 2 are made dense as 0 and 1"
     tier0 = {e["metadata"]["filter_metadata"]["llm_lb"]["backend"]: e for e in tiers[0]}
@@ -99,7 +99,7 @@ def test_round_robin_sets_equal_weights():
 
 def test_credentials_are_set_by_upstream_filters_per_header():
     _, res = built()
-    options = protocol_options(res[types.CLUSTER]["chat"])
+    options = protocol_options(res[typeurls.CLUSTER]["chat"])
     names = [f.name for f in options.http_filters]
     assert names == ["llm_lb.credential.authorization", "llm_lb.credential.x-api-key", "envoy.filters.http.upstream_codec"]
     mutation = header_mutation_pb2.HeaderMutation()
@@ -111,14 +111,14 @@ def test_credentials_are_set_by_upstream_filters_per_header():
     # auto_sni would take SNI from the app's Host header: each TLS host has its own socket instead
     assert not options.upstream_http_protocol_options.auto_sni
     # no keys in the rag pool: no credential filter, no TLS
-    rag = protocol_options(res[types.CLUSTER]["rag"])
+    rag = protocol_options(res[typeurls.CLUSTER]["rag"])
     assert [f.name for f in rag.http_filters] == ["envoy.filters.http.upstream_codec"]
-    assert not res[types.CLUSTER]["rag"].transport_socket_matches
+    assert not res[typeurls.CLUSTER]["rag"].transport_socket_matches
 
 
 def test_each_tls_host_gets_its_own_sni_and_san_check_and_secrets_stay_out_of_clusters():
     _, res = built()
-    chat = res[types.CLUSTER]["chat"]
+    chat = res[typeurls.CLUSTER]["chat"]
     matches = {m.name: m for m in chat.transport_socket_matches}
     assert sorted(matches) == ["tls:api.anthropic.test", "tls:api.example.com"]
     match = matches["tls:api.example.com"]
@@ -130,13 +130,13 @@ def test_each_tls_host_gets_its_own_sni_and_san_check_and_secrets_stay_out_of_cl
     assert validation.trusted_ca.filename == "/etc/ssl/certs/ca-certificates.crt"
     (san,) = validation.match_typed_subject_alt_names
     assert san.matcher.exact == "api.example.com" and san.san_type == san.DNS
-    for cluster in res[types.CLUSTER].values():
+    for cluster in res[typeurls.CLUSTER].values():
         assert SECRET.encode() not in cluster.SerializeToString()
 
 
 def test_routes_longest_prefix_first_with_timeout_host_rewrite_and_retry():
     _, res = built()
-    route = res[types.ROUTE][resources.ROUTE_NAME]
+    route = res[typeurls.ROUTE][resources.ROUTE_NAME]
     routes = route.virtual_hosts[0].routes
     assert [r.match.prefix for r in routes] == ["/v1/rag/", "/v1/"]
     chat = routes[1].route
@@ -147,7 +147,7 @@ def test_routes_longest_prefix_first_with_timeout_host_rewrite_and_retry():
 
 def test_listener_uses_rds_over_ads_on_configured_address():
     _, res = built()
-    listener = res[types.LISTENER][resources.LISTENER_NAME]
+    listener = res[typeurls.LISTENER][resources.LISTENER_NAME]
     assert listener.address.socket_address.address == "127.0.0.1"
     assert listener.address.socket_address.port_value == 10000
     manager = hcm_pb2.HttpConnectionManager()
@@ -165,14 +165,14 @@ def test_builders_are_deterministic_and_weight_change_touches_only_eds():
     weights = {name: pool_weights(p) for name, p in config.pools.items()}
     weights["chat"]["local-a"] = 7
     changed = Snapshot.of(resources.build(config, weights, ADDRESSES))
-    assert [types.SHORT[t] for t in types.PUSH_ORDER if changed.version(t) != first.version(t)] == ["EDS"]
+    assert [typeurls.SHORT[t] for t in typeurls.PUSH_ORDER if changed.version(t) != first.version(t)] == ["EDS"]
     assert first.problems() == []
 
 
 def test_snapshot_consistency_check_finds_dangling_references():
     _, res = built()
-    res[types.ENDPOINT].pop("rag")
-    res[types.ROUTE].clear()
+    res[typeurls.ENDPOINT].pop("rag")
+    res[typeurls.ROUTE].clear()
     problems = Snapshot.of(res).problems()
     assert any("cluster 'rag' has no endpoints" in p for p in problems)
     assert any("missing route 'ingress'" in p for p in problems)
@@ -181,9 +181,9 @@ def test_snapshot_consistency_check_finds_dangling_references():
 def test_snapshot_serves_wildcard_types_whole_and_named_types_by_name():
     _, res = built()
     snap = Snapshot.of(res)
-    assert len(snap.packed(types.CLUSTER, ["chat"])) == 2
-    (only,) = snap.packed(types.ENDPOINT, ["rag", "no-such-cluster"])
-    assert only.type_url == types.ENDPOINT
+    assert len(snap.packed(typeurls.CLUSTER, ["chat"])) == 2
+    (only,) = snap.packed(typeurls.ENDPOINT, ["rag", "no-such-cluster"])
+    assert only.type_url == typeurls.ENDPOINT
 
 
 RESILIENT = """
@@ -210,7 +210,7 @@ def resilient():
 
 def test_health_check_outlier_and_breakers_follow_the_pool():
     _, res = resilient()
-    chat = res[types.CLUSTER]["chat"]
+    chat = res[typeurls.CLUSTER]["chat"]
     (hc,) = chat.health_checks
     assert hc.http_health_check.path == "/healthz"
     assert [(r.start, r.end) for r in hc.http_health_check.expected_statuses] == [(200, 201), (204, 205)]
@@ -244,19 +244,19 @@ def test_defaults_eject_and_never_send_to_unhealthy_hosts():
 
 def test_retry_policy_and_failover_policy():
     _, res = resilient()
-    route = res[types.ROUTE][resources.ROUTE_NAME].virtual_hosts[0].routes[0].route
+    route = res[typeurls.ROUTE][resources.ROUTE_NAME].virtual_hosts[0].routes[0].route
     policy = route.retry_policy
     assert policy.retry_on == "connect-failure,reset,retriable-status-codes"
     assert list(policy.retriable_status_codes) == [429, 503]
     assert policy.num_retries.value == 3 and policy.per_try_timeout.seconds == 10
     assert policy.retry_back_off.base_interval.ToMilliseconds() == 25
-    cla = res[types.ENDPOINT]["chat"]
+    cla = res[typeurls.ENDPOINT]["chat"]
     assert cla.policy.overprovisioning_factor.value == 100
 
 
 def test_drained_endpoint_is_marked_draining_and_keeps_its_weight():
     _, res = resilient()
-    cla = res[types.ENDPOINT]["chat"]
+    cla = res[typeurls.ENDPOINT]["chat"]
     by_name = {e.metadata.filter_metadata["llm_lb"]["backend"]: e for loc in cla.endpoints for e in loc.lb_endpoints}
     from envoy.config.core.v3 import health_check_pb2
 

@@ -11,7 +11,7 @@ from google.rpc import status_pb2
 
 from controlplane.config import parse_config
 from controlplane.scoring.weights import pool_weights
-from controlplane.xds import resources, types
+from controlplane.xds import resources, typeurls
 from controlplane.xds.server import AdsServer, SnapshotCache, start_server
 from controlplane.xds.snapshot import Snapshot
 
@@ -79,34 +79,34 @@ def test_subscribe_ack_and_weight_only_change_pushes_only_eds():
             first = snapshot()
             h.cache.set(first)
             call = h.stream()
-            await call.write(request(types.CLUSTER))
+            await call.write(request(typeurls.CLUSTER))
             cds = await read(call)
-            assert cds.type_url == types.CLUSTER and cds.version_info == first.version(types.CLUSTER)
+            assert cds.type_url == typeurls.CLUSTER and cds.version_info == first.version(typeurls.CLUSTER)
             assert len(cds.resources) == 1
-            await call.write(request(types.CLUSTER, cds.version_info, cds.nonce))
-            await call.write(request(types.ENDPOINT, names=["chat"]))
+            await call.write(request(typeurls.CLUSTER, cds.version_info, cds.nonce))
+            await call.write(request(typeurls.ENDPOINT, names=["chat"]))
             eds = await read(call)
-            assert eds.version_info == first.version(types.ENDPOINT)
-            await call.write(request(types.ENDPOINT, eds.version_info, eds.nonce, names=["chat"]))
-            await call.write(request(types.LISTENER))
+            assert eds.version_info == first.version(typeurls.ENDPOINT)
+            await call.write(request(typeurls.ENDPOINT, eds.version_info, eds.nonce, names=["chat"]))
+            await call.write(request(typeurls.LISTENER))
             lds = await read(call)
-            await call.write(request(types.LISTENER, lds.version_info, lds.nonce))
-            await call.write(request(types.ROUTE, names=[resources.ROUTE_NAME]))
+            await call.write(request(typeurls.LISTENER, lds.version_info, lds.nonce))
+            await call.write(request(typeurls.ROUTE, names=[resources.ROUTE_NAME]))
             rds = await read(call)
-            await call.write(request(types.ROUTE, rds.version_info, rds.nonce, names=[resources.ROUTE_NAME]))
+            await call.write(request(typeurls.ROUTE, rds.version_info, rds.nonce, names=[resources.ROUTE_NAME]))
             await wait_until(lambda: h.ads.in_sync(first) == ["n1"])
 
             second = snapshot(weight_a=1)
             h.cache.set(second)
             pushed = await read(call)
             # Only EDS changed; had anything else been sent, it would arrive first (push order CDS, EDS, ...).
-            assert pushed.type_url == types.ENDPOINT and pushed.version_info == second.version(types.ENDPOINT)
-            await call.write(request(types.ENDPOINT, pushed.version_info, pushed.nonce, names=["chat"]))
+            assert pushed.type_url == typeurls.ENDPOINT and pushed.version_info == second.version(typeurls.ENDPOINT)
+            await call.write(request(typeurls.ENDPOINT, pushed.version_info, pushed.nonce, names=["chat"]))
             third = snapshot(weight_a=1, prefix="/v1/")
             h.cache.set(third)
             pushed = await read(call)
-            assert pushed.type_url == types.ROUTE, "the next push is the route change, nothing was resent"
-            assert h.ads.nodes["n1"].acked[types.ENDPOINT] == second.version(types.ENDPOINT)
+            assert pushed.type_url == typeurls.ROUTE, "the next push is the route change, nothing was resent"
+            assert h.ads.nodes["n1"].acked[typeurls.ENDPOINT] == second.version(typeurls.ENDPOINT)
             call.cancel()
 
     asyncio.run(scenario())
@@ -118,30 +118,30 @@ def test_nack_is_recorded_and_not_resent_until_the_next_change():
             first = snapshot()
             h.cache.set(first)
             call = h.stream()
-            await call.write(request(types.ENDPOINT, names=["chat"]))
+            await call.write(request(typeurls.ENDPOINT, names=["chat"]))
             eds = await read(call)
-            await call.write(request(types.ENDPOINT, eds.version_info, eds.nonce, names=["chat"]))
-            await wait_until(lambda: h.ads.nodes["n1"].acked.get(types.ENDPOINT) == eds.version_info)
+            await call.write(request(typeurls.ENDPOINT, eds.version_info, eds.nonce, names=["chat"]))
+            await wait_until(lambda: h.ads.nodes["n1"].acked.get(typeurls.ENDPOINT) == eds.version_info)
             second = snapshot(weight_a=5)
             h.cache.set(second)
             bad = await read(call)
             await call.write(
-                request(types.ENDPOINT, eds.version_info, bad.nonce, names=["chat"], error="weights are wrong")
+                request(typeurls.ENDPOINT, eds.version_info, bad.nonce, names=["chat"], error="weights are wrong")
             )
-            await wait_until(lambda: types.ENDPOINT in h.ads.nodes["n1"].nacked)
+            await wait_until(lambda: typeurls.ENDPOINT in h.ads.nodes["n1"].nacked)
             node = h.ads.nodes["n1"]
-            assert node.nacked[types.ENDPOINT].message == "weights are wrong"
-            assert node.nacked[types.ENDPOINT].version == second.version(types.ENDPOINT)
-            assert node.acked[types.ENDPOINT] == first.version(types.ENDPOINT)
+            assert node.nacked[typeurls.ENDPOINT].message == "weights are wrong"
+            assert node.nacked[typeurls.ENDPOINT].version == second.version(typeurls.ENDPOINT)
+            assert node.acked[typeurls.ENDPOINT] == first.version(typeurls.ENDPOINT)
             assert h.ads.stats.nacks == {"EDS": 1}
             assert node.as_dict()["nacked"]["EDS"]["message"] == "weights are wrong"
 
             third = snapshot(weight_a=2)
             h.cache.set(third)
             fixed = await read(call)
-            assert fixed.version_info == third.version(types.ENDPOINT), "the rejected version was not sent again"
-            await call.write(request(types.ENDPOINT, fixed.version_info, fixed.nonce, names=["chat"]))
-            await wait_until(lambda: types.ENDPOINT not in h.ads.nodes["n1"].nacked)
+            assert fixed.version_info == third.version(typeurls.ENDPOINT), "the rejected version was not sent again"
+            await call.write(request(typeurls.ENDPOINT, fixed.version_info, fixed.nonce, names=["chat"]))
+            await wait_until(lambda: typeurls.ENDPOINT not in h.ads.nodes["n1"].nacked)
             call.cancel()
 
     asyncio.run(scenario())
@@ -152,14 +152,14 @@ def test_stale_nonce_is_ignored():
         async with Harness() as h:
             h.cache.set(snapshot())
             call = h.stream()
-            await call.write(request(types.ENDPOINT, names=["chat"]))
+            await call.write(request(typeurls.ENDPOINT, names=["chat"]))
             first = await read(call)
             h.cache.set(snapshot(weight_a=4))
             second = await read(call)
             # A NACK that answers the superseded response must not be recorded.
-            await call.write(request(types.ENDPOINT, "", first.nonce, names=["chat"], error="old news"))
-            await call.write(request(types.ENDPOINT, second.version_info, second.nonce, names=["chat"]))
-            await wait_until(lambda: h.ads.nodes["n1"].acked.get(types.ENDPOINT) == second.version_info)
+            await call.write(request(typeurls.ENDPOINT, "", first.nonce, names=["chat"], error="old news"))
+            await call.write(request(typeurls.ENDPOINT, second.version_info, second.nonce, names=["chat"]))
+            await wait_until(lambda: h.ads.nodes["n1"].acked.get(typeurls.ENDPOINT) == second.version_info)
             assert h.ads.nodes["n1"].nacked == {}
             call.cancel()
 
@@ -172,19 +172,19 @@ def test_reconnecting_envoy_gets_current_snapshot_only_if_it_lacks_it():
             old, current = snapshot(weight_a=9), snapshot()
             h.cache.set(current)
             stale = h.stream()
-            await stale.write(request(types.ENDPOINT, version=old.version(types.ENDPOINT), names=["chat"]))
+            await stale.write(request(typeurls.ENDPOINT, version=old.version(typeurls.ENDPOINT), names=["chat"]))
             resp = await read(stale)
-            assert resp.version_info == current.version(types.ENDPOINT)
+            assert resp.version_info == current.version(typeurls.ENDPOINT)
             stale.cancel()
 
             fresh = h.stream()
-            await fresh.write(request(types.CLUSTER, version=current.version(types.CLUSTER), node="n2"))
+            await fresh.write(request(typeurls.CLUSTER, version=current.version(typeurls.CLUSTER), node="n2"))
             h.cache.set(snapshot(weight_a=9, prefix="/v2/"))
             # CDS is unchanged and already held: the first thing this stream hears is nothing for CDS.
-            await fresh.write(request(types.ROUTE, names=[resources.ROUTE_NAME], node="n2"))
+            await fresh.write(request(typeurls.ROUTE, names=[resources.ROUTE_NAME], node="n2"))
             resp = await read(fresh)
-            assert resp.type_url == types.ROUTE
-            assert h.ads.nodes["n2"].acked[types.CLUSTER] == current.version(types.CLUSTER)
+            assert resp.type_url == typeurls.ROUTE
+            assert h.ads.nodes["n2"].acked[typeurls.CLUSTER] == current.version(typeurls.CLUSTER)
             fresh.cancel()
             await wait_until(lambda: h.ads.nodes["n2"].streams == 0)
 

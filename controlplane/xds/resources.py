@@ -6,10 +6,12 @@ Envoy feature touches one builder and its test.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -45,7 +47,7 @@ from google.protobuf.message import Message
 
 from ..bootstrap import XDS_CLUSTER
 from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool, Retry
-from . import types
+from . import typeurls
 
 LISTENER_NAME = "ingress"
 ROUTE_NAME = "ingress"
@@ -99,49 +101,23 @@ def build(
         for name, pool in config.pools.items()
     }
     return {
-        types.CLUSTER: clusters,
-        types.ENDPOINT: endpoints,
-        types.LISTENER: {LISTENER_NAME: listener(config)},
-        types.ROUTE: {ROUTE_NAME: route_configuration(config, rejected or {})},
+        typeurls.CLUSTER: clusters,
+        typeurls.ENDPOINT: endpoints,
+        typeurls.LISTENER: {LISTENER_NAME: listener(config)},
+        typeurls.ROUTE: {ROUTE_NAME: route_configuration(config, rejected or {})},
     }
 
 
-# Reads the `usage` block of a JSON body, or of the last SSE chunk, as the body
-# streams past (bodyChunks() does not buffer), into dynamic metadata for the
-# access log. Streams without usage get a count of content chunks instead.
-USAGE_LUA = r"""
-local function scan(text, found)
-  for v in string.gmatch(text, '"prompt_tokens"%s*:%s*(%d+)') do found.prompt = v end
-  for v in string.gmatch(text, '"completion_tokens"%s*:%s*(%d+)') do found.completion = v end
-end
-
-function envoy_on_response(handle)
-  local ctype = handle:headers():get("content-type") or ""
-  local stream = string.find(ctype, "text/event-stream", 1, true) ~= nil
-  if not stream and string.find(ctype, "json", 1, true) == nil then return end
-  local found, tail, chunks = {}, "", 0
-  for chunk in handle:bodyChunks() do
-    local bytes = chunk:getBytes(0, chunk:length())
-    local text = tail .. bytes
-    scan(text, found)
-    if stream then
-      local _, n = string.gsub(bytes, '"content"%s*:%s*"[^"]', "")
-      chunks = chunks + n
-    end
-    tail = string.sub(text, -256)
-  end
-  local meta = handle:streamInfo():dynamicMetadata()
-  if found.prompt then meta:set("llm_lb.usage", "prompt_tokens", tonumber(found.prompt)) end
-  if found.completion then meta:set("llm_lb.usage", "completion_tokens", tonumber(found.completion)) end
-  if stream then meta:set("llm_lb.usage", "content_chunks", chunks) end
-end
-"""
+@functools.cache
+def usage_lua() -> str:
+    """The listener's usage scanner, kept as a real .lua file so it can be read and linted as Lua."""
+    return (Path(__file__).with_name("usage.lua")).read_text(encoding="utf-8")
 
 
 def _usage_filter() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(
         name="llm_lb.usage",
-        typed_config=_any(lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=USAGE_LUA))),
+        typed_config=_any(lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=usage_lua()))),
     )
 
 

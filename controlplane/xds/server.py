@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from . import types
+from . import typeurls
 from .snapshot import Snapshot
 
 log = logging.getLogger("controlplane.xds")
@@ -74,9 +74,9 @@ class NodeState:
             "id": self.id,
             "cluster": self.cluster,
             "connected": self.streams > 0,
-            "acked": {types.SHORT[t]: v for t, v in self.acked.items()},
+            "acked": {typeurls.SHORT[t]: v for t, v in self.acked.items()},
             "nacked": {
-                types.SHORT[t]: {"version": n.version, "message": n.message, "at": n.at}
+                typeurls.SHORT[t]: {"version": n.version, "message": n.message, "at": n.at}
                 for t, n in self.nacked.items()
             },
         }
@@ -90,7 +90,7 @@ class XdsStats:
 
     @staticmethod
     def bump(counter: dict[str, int], type_url: str) -> None:
-        short = types.SHORT.get(type_url, type_url)
+        short = typeurls.SHORT.get(type_url, type_url)
         counter[short] = counter.get(short, 0) + 1
 
 
@@ -119,7 +119,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return [
             node.id
             for node in self.nodes.values()
-            if node.streams > 0 and all(node.acked.get(t) == snapshot.version(t) for t in types.PUSH_ORDER)
+            if node.streams > 0 and all(node.acked.get(t) == snapshot.version(t) for t in typeurls.PUSH_ORDER)
         ]
 
     async def StreamAggregatedResources(  # noqa: N802 (gRPC method name)
@@ -146,7 +146,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 if item is _CLOSED:
                     return
                 if item is _CHANGED:
-                    wanted = [t for t in types.PUSH_ORDER if states.get(t, _TypeState()).subscribed]
+                    wanted = [t for t in typeurls.PUSH_ORDER if states.get(t, _TypeState()).subscribed]
                 else:
                     if node is None:
                         node = self._open(item)
@@ -154,7 +154,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     wanted = self._on_request(node, states, item)
                 for response in self._responses(states, wanted):
                     if node is not None:
-                        log.debug("push %s version %s to %s", types.SHORT.get(response.type_url), response.version_info, node.id)
+                        log.debug("push %s version %s to %s", typeurls.SHORT.get(response.type_url), response.version_info, node.id)
                     XdsStats.bump(self.stats.pushes, response.type_url)
                     yield response
         finally:
@@ -178,7 +178,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     ) -> list[str]:
         """Book-keep one request; return the types that need a response now."""
         type_url = request.type_url
-        if type_url not in types.SHORT:
+        if type_url not in typeurls.SHORT:
             log.warning("envoy %s asked for unsupported type %s", node.id, type_url)
             return []
         state = states.setdefault(type_url, _TypeState())
@@ -192,7 +192,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                 XdsStats.bump(self.stats.nacks, type_url)
                 log.error(
                     "envoy %s REJECTED %s version %s (keeps version %s): %s",
-                    node.id, types.SHORT[type_url], rejected, request.version_info or "none",
+                    node.id, typeurls.SHORT[type_url], rejected, request.version_info or "none",
                     request.error_detail.message,
                 )
             else:
@@ -232,11 +232,11 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
                     resources=snapshot.packed(type_url, state.names),
                 )
             )
-            if type_url == types.CLUSTER and types.ENDPOINT in states:
+            if type_url == typeurls.CLUSTER and typeurls.ENDPOINT in states:
                 # Updated clusters warm again and wait for their endpoints: resend them.
-                states[types.ENDPOINT].sent_version = None
-                if types.ENDPOINT not in wanted:
-                    wanted.insert(wanted.index(type_url) + 1, types.ENDPOINT)
+                states[typeurls.ENDPOINT].sent_version = None
+                if typeurls.ENDPOINT not in wanted:
+                    wanted.insert(wanted.index(type_url) + 1, typeurls.ENDPOINT)
         return out
 
 

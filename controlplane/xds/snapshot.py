@@ -21,7 +21,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from . import types
+from . import typeurls
 
 
 def content_version(resources: Mapping[str, Message]) -> str:
@@ -41,7 +41,7 @@ class Snapshot:
 
     @classmethod
     def of(cls, resources: Mapping[str, Mapping[str, Message]]) -> Snapshot:
-        frozen = {t: MappingProxyType(dict(resources.get(t, {}))) for t in types.PUSH_ORDER}
+        frozen = {t: MappingProxyType(dict(resources.get(t, {}))) for t in typeurls.PUSH_ORDER}
         return cls(
             resources=MappingProxyType(frozen),
             versions=MappingProxyType({t: content_version(r) for t, r in frozen.items()}),
@@ -53,7 +53,7 @@ class Snapshot:
     def packed(self, type_url: str, names: Iterable[str] = ()) -> list[any_pb2.Any]:
         """The resources for a response: all of a wildcard type, else those asked for by name."""
         available = self.resources.get(type_url, {})
-        wanted = sorted(available) if type_url in types.WILDCARD or not names else sorted(set(names))
+        wanted = sorted(available) if type_url in typeurls.WILDCARD or not names else sorted(set(names))
         out = []
         for name in wanted:
             if name in available:
@@ -65,16 +65,16 @@ class Snapshot:
     def problems(self) -> list[str]:
         """References that would leave Envoy waiting: a cluster without endpoints, a listener without routes."""
         found = []
-        endpoints = self.resources.get(types.ENDPOINT, {})
-        routes = self.resources.get(types.ROUTE, {})
-        clusters = self.resources.get(types.CLUSTER, {})
+        endpoints = self.resources.get(typeurls.ENDPOINT, {})
+        routes = self.resources.get(typeurls.ROUTE, {})
+        clusters = self.resources.get(typeurls.CLUSTER, {})
         for name, cluster in clusters.items():
             assert isinstance(cluster, cluster_pb2.Cluster)
             if cluster.type == cluster_pb2.Cluster.EDS:
                 service = cluster.eds_cluster_config.service_name or name
                 if service not in endpoints:
                     found.append(f"cluster {name!r} has no endpoints resource {service!r}")
-        for name, listener in self.resources.get(types.LISTENER, {}).items():
+        for name, listener in self.resources.get(typeurls.LISTENER, {}).items():
             assert isinstance(listener, listener_pb2.Listener)
             for chain in listener.filter_chains:
                 for filt in chain.filters:

@@ -4,7 +4,7 @@ Standard library only, so it can run anywhere the control plane runs.  Behaviour
 (latency, injected errors, health, token counts) is set by CLI flags and can be
 changed live through ``POST /admin/config`` so tests can steer the load balancer.
 
-    python -m controlplane.mockbackend --port 9001 --name local-a
+    python -m controlplane.demo.mockbackend --port 9001 --name local-a
 """
 
 from __future__ import annotations
@@ -398,7 +398,7 @@ class MockBackend:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[MockSettings, str, int]:
-    p = argparse.ArgumentParser(prog="python -m controlplane.mockbackend", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m controlplane.demo.mockbackend", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)

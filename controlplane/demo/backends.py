@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import Config
+from ..config import Config
 
 log = logging.getLogger("controlplane.demo")
 
@@ -36,7 +36,7 @@ def start_mock_backends(config: Config, log_dir: Path) -> list[subprocess.Popen[
             with open(log_dir / f"mock-{name}.log", "ab") as sink:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "controlplane.mockbackend",
+                        [sys.executable, "-m", "controlplane.demo.mockbackend",
                          "--host", "127.0.0.1" if backend.host == "localhost" else backend.host,
                          "--port", str(backend.port), "--name", name],
                         stdin=subprocess.DEVNULL, stdout=sink, stderr=sink,
