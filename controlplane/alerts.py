@@ -5,31 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+
+from .config import Alerts
 
 log = logging.getLogger("controlplane.alerts")
 
 
 class Alerter:
-    def __init__(self, attempts: int = 3) -> None:
-        self.webhook: str | None = None
-        self.timeout = 5.0
+    def __init__(self, settings: Callable[[], Alerts], attempts: int = 3) -> None:
+        self.settings = settings  # read per alert, so a reload takes effect for the next one
         self.attempts = attempts
         self.sent = 0
         self.failed = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def configure(self, webhook: str | None, timeout: float) -> None:
-        self.webhook, self.timeout = webhook, timeout
-
     def send(self, kind: str, message: str, **details: Any) -> None:
         body = {"kind": kind, "message": message, "at": time.time(), **details}
         log.warning("alert %s: %s", kind, message)
-        if not self.webhook:
+        settings = self.settings()
+        if not settings.webhook:
             return
-        task = asyncio.create_task(self._post(self.webhook, self.timeout, body))
+        task = asyncio.create_task(self._post(settings.webhook, settings.timeout.total_seconds(), body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -54,6 +54,6 @@ class Alerter:
     async def drain(self) -> None:
         """On stop: give alerts in flight a moment, then cancel what is left."""
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.timeout)
+            await asyncio.wait(self._tasks, timeout=self.settings().timeout.total_seconds())
         for task in list(self._tasks):
             task.cancel()

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import metrics
-
-if TYPE_CHECKING:
-    from .app import App
+from . import metrics, reports
+from .views import Actions, Views
 
 
-def make_app(app: App) -> web.Application:
-    registry = metrics.registry_for(app)
+def make_app(views: Views, actions: Actions) -> web.Application:
+    registry = metrics.registry_for(views)
     routes = web.RouteTableDef()
 
     @routes.get("/healthz")
@@ -27,7 +23,7 @@ def make_app(app: App) -> web.Application:
 
     @routes.get("/v1/status")
     async def status(request: web.Request) -> web.Response:
-        return web.json_response(app.status())
+        return web.json_response(reports.status(views))
 
     async def _drain(request: web.Request, draining: bool) -> web.Response:
         pool, backend = request.match_info["pool"], request.match_info["backend"]
@@ -41,7 +37,7 @@ def make_app(app: App) -> web.Application:
                 return _error(400, "body must be an object whose 'force' is true or false")
             force = body.get("force", False)
         try:
-            app.set_draining(pool, backend, draining, force=force)
+            actions.set_draining(pool, backend, draining, force)
         except LookupError as exc:
             return _error(404, str(exc))
         except ValueError as exc:
@@ -72,20 +68,20 @@ def make_app(app: App) -> web.Application:
         unknown = sorted(set(body) - {"request_id", "score"})
         if unknown:
             return _error(400, f"unknown field(s): {', '.join(unknown)}")
-        result = app.feedback(request_id, float(score))
+        result = actions.feedback(request_id, float(score))
         return web.json_response(result, status=200 if result["status"] == "applied" else 202)
 
     @routes.get("/v1/cost")
     async def cost(request: web.Request) -> web.Response:
-        return web.json_response(app.cost_report())
+        return web.json_response(reports.cost_report(views))
 
     @routes.get("/v1/pools/{pool}/weights")
     async def weights(request: web.Request) -> web.Response:
         pool = request.match_info["pool"]
-        if pool not in app.config.pools:
+        if pool not in views.state().config.pools:
             return _error(404, f"no pool {pool!r}")
-        budget = [w.as_dict() for w in app.budgets.get(pool, [])]
-        return web.json_response(app.engine.explain(pool, budget or None))
+        budget = [w.as_dict() for w in views.budgets().windows.get(pool, ())]
+        return web.json_response(views.explain(pool, budget or None))
 
     web_app = web.Application()
     web_app.add_routes(routes)
@@ -96,8 +92,8 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
-async def start_api(app: App, address: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(make_app(app), access_log=None)
+async def start_api(views: Views, actions: Actions, address: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(make_app(views, actions), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, address, port).start()
     return runner

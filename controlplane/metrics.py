@@ -1,27 +1,24 @@
-"""Prometheus metrics, read from the live state at scrape time (nothing to keep in sync)."""
+"""Prometheus metrics, read through the views at scrape time (nothing to keep in sync; no database read)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .views import Views
 from .xds import typeurls
 
-if TYPE_CHECKING:
-    from .app import App
 
-
-class AppCollector(Collector):
-    def __init__(self, app: App) -> None:
-        self.app = app
+class SystemCollector(Collector):
+    def __init__(self, views: Views) -> None:
+        self.views = views
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        app = self.app
-        state = app.state
+        views = self.views
+        state = views.config
         reloads = CounterMetricFamily("llm_lb_config_reloads", "Config file edits, by outcome", labels=["result"])
         reloads.add_metric(["applied"], state.reloads)
         reloads.add_metric(["rejected"], state.rejected)
@@ -31,9 +28,9 @@ class AppCollector(Collector):
             value=0 if state.errors else 1,
         )
         for name, counter, help_text in (
-            ("llm_lb_xds_pushes", app.ads.stats.pushes, "xDS responses sent"),
-            ("llm_lb_xds_acks", app.ads.stats.acks, "xDS responses Envoy accepted"),
-            ("llm_lb_xds_nacks", app.ads.stats.nacks, "xDS responses Envoy rejected"),
+            ("llm_lb_xds_pushes", views.xds.stats.pushes, "xDS responses sent"),
+            ("llm_lb_xds_acks", views.xds.stats.acks, "xDS responses Envoy accepted"),
+            ("llm_lb_xds_nacks", views.xds.stats.nacks, "xDS responses Envoy rejected"),
         ):
             family = CounterMetricFamily(name, help_text, labels=["type"])
             for short in typeurls.SHORT.values():
@@ -41,13 +38,13 @@ class AppCollector(Collector):
             yield family
         yield GaugeMetricFamily(
             "llm_lb_envoys_connected", "Envoy nodes with an open ADS stream",
-            value=sum(1 for n in app.ads.nodes.values() if n.streams > 0),
+            value=views.xds.connected(),
         )
         yield GaugeMetricFamily(
-            "llm_lb_envoys_in_sync", "Envoy nodes that accepted the current snapshot", value=len(app.ads.in_sync())
+            "llm_lb_envoys_in_sync", "Envoy nodes that accepted the current snapshot", value=len(views.xds.in_sync())
         )
         weight = GaugeMetricFamily("llm_lb_backend_weight", "Endpoint weight pushed to Envoy", labels=["pool", "backend"])
-        for pool, backends in app.weights.items():
+        for pool, backends in views.state().weights.items():
             for backend, value in backends.items():
                 weight.add_metric([pool, backend], value)
         yield weight
@@ -61,7 +58,7 @@ class AppCollector(Collector):
             "errors": GaugeMetricFamily("llm_lb_backend_error_rate", "Error rate EWMA from the access log",
                                         labels=["pool", "backend"]),
         }
-        for (pool, backend), st in app.engine.stats.items():
+        for (pool, backend), st in views.backends.items():
             gauges["quality"].add_metric([pool, backend], st.quality)
             gauges["health"].add_metric([pool, backend], st.health)
             if st.latency_ewma_ms is not None:
@@ -70,28 +67,29 @@ class AppCollector(Collector):
         yield from gauges.values()
         spend = CounterMetricFamily("llm_lb_spend", "Money spent, at configured prices", labels=["pool", "backend"])
         tokens = CounterMetricFamily("llm_lb_tokens", "Tokens counted", labels=["pool", "backend", "kind"])
-        for (pool, backend), total in app.ledger.spend(0).items():
+        for (pool, backend), total in views.spend.total().items():
             spend.add_metric([pool, backend], total.cost)
             tokens.add_metric([pool, backend, "prompt"], total.prompt_tokens)
             tokens.add_metric([pool, backend, "completion"], total.completion_tokens)
         yield spend
         yield tokens
         budget = GaugeMetricFamily("llm_lb_budget_used_ratio", "Share of the budget spent", labels=["pool", "window"])
-        for pool, states in app.budgets.items():
+        for pool, states in views.budgets().windows.items():
             for state in states:
                 budget.add_metric([pool, state.window], state.fraction)
         yield budget
         entries = CounterMetricFamily("llm_lb_access_log_entries", "Access log entries received from Envoy")
-        entries.add_metric([], app.access_log.entries)
+        entries.add_metric([], views.access_log.entries)
         yield entries
         restarts = CounterMetricFamily("llm_lb_envoy_restarts", "Times the supervised Envoy was restarted")
-        restarts.add_metric([], app.envoy.restarts if app.envoy else 0)
+        envoy = views.envoy()
+        restarts.add_metric([], envoy.restarts if envoy else 0)
         yield restarts
 
 
-def registry_for(app: App) -> CollectorRegistry:
+def registry_for(views: Views) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AppCollector(app))
+    registry.register(SystemCollector(views))
     return registry
 
 

@@ -8,7 +8,13 @@ import logging
 import socket
 from collections.abc import Iterable, Mapping
 
+from .config import Config
+
 log = logging.getLogger("controlplane.resolver")
+
+
+def backend_hosts(config: Config) -> set[str]:
+    return {b.host for pool in config.pools.values() for b in pool.backends.values()}
 
 
 async def resolve(hosts: Iterable[str], previous: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -184,9 +184,9 @@ class ControlPlane:
 
     def wait_applied(self, timeout: float = 20.0) -> dict[str, Any]:
         """Wait until the file on disk is live and every Envoy acknowledged the snapshot."""
-        from controlplane.app import _digest
+        from controlplane.controllers.reload import digest as file_digest
 
-        digest = _digest(self.config_path.read_bytes())
+        digest = file_digest(self.config_path.read_bytes())
 
         def applied() -> dict[str, Any] | None:
             status = self.status()

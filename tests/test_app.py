@@ -82,7 +82,7 @@ def test_reload_applies_valid_edits_and_keeps_last_good_on_errors(tmp_path):
     async def scenario(app, http, path, ports):
         eds_before = app.cache.snapshot.version("type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment")
         path.write_text(path.read_text() + "bogus: 1\n")
-        await until(lambda: app.state.errors)
+        await until(lambda: app.reloader.status.errors)
         async with http.get("/v1/status") as resp:
             status = await resp.json()
         assert status["config"]["last_edit"] == "rejected"
@@ -92,7 +92,7 @@ def test_reload_applies_valid_edits_and_keeps_last_good_on_errors(tmp_path):
         pools = json.loads(json.dumps(POOLS))
         pools["chat"]["backends"]["a"]["weight"] = 1
         write(path, pools, ports)
-        await until(lambda: not app.state.errors and app.weights["chat"]["a"] == 1)
+        await until(lambda: not app.reloader.status.errors and app.reconciler.published.weights["chat"]["a"] == 1)
         eds_after = app.cache.snapshot.version("type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment")
         assert eds_after != eds_before
         async with http.get("/metrics") as resp:
@@ -112,7 +112,7 @@ def test_drains_survive_a_restart(tmp_path):
             assert resp.status == 200
 
     async def second(app, http, path, ports):
-        assert ("chat", "b") in app.persisted.drained
+        assert ("chat", "b") in app.reconciler.state.drained
         cla = app.cache.snapshot.resources["type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"]["chat"]
         draining = [e.metadata.filter_metadata["llm_lb"]["backend"] for loc in cla.endpoints for e in loc.lb_endpoints
                     if e.health_status == health_check_pb2.DRAINING]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.config import Budget
-from controlplane.scoring.budget import AlertBook, WindowState, windows
+from controlplane.scoring.budget import WindowState, evaluate, windows
 from controlplane.scoring.ledger import DAY, HOUR, Spend, SqliteLedger, period_start
 
 T0 = datetime(2026, 3, 14, 15, 0, tzinfo=UTC).timestamp()  # the start of an hour
@@ -110,9 +110,22 @@ def test_window_state(spent: float, fraction: float, exhausted: bool) -> None:
                                "exhausted": exhausted}
 
 
+class Book:
+    """Carries the verdict's `alerted` set from one evaluation to the next, as the controller does."""
+
+    def __init__(self) -> None:
+        self.alerted: frozenset = frozenset()
+
+    def due(self, pool: str, budget: Budget, state: WindowState) -> list[float]:
+        hour = int(state.period // HOUR)
+        verdict = evaluate({pool: budget}, {(hour, pool): state.spent}, state.period + 1, self.alerted)
+        self.alerted |= {key for key in verdict.alerted if key[1] == state.window}
+        return [a.threshold for a in verdict.due if a.window == state.window]
+
+
 def test_alerts_fire_once_per_threshold_per_period() -> None:
     budget = Budget(hourly=10.0, alert_thresholds=[0.9, 0.5])
-    book = AlertBook()
+    book = Book()
 
     def due(spent: float, period: float = T0) -> list[float]:
         return book.due("chat", budget, WindowState("hour", 10.0, spent, period))
@@ -131,7 +144,7 @@ def test_alerts_fire_once_per_threshold_per_period() -> None:
 
 def test_alerts_are_per_pool_and_window() -> None:
     budget = Budget(hourly=10.0, daily=10.0, alert_thresholds=[0.7])
-    book = AlertBook()
+    book = Book()
     assert book.due("chat", budget, WindowState("hour", 10.0, 8.0, T0)) == [0.7]
     assert book.due("chat", budget, WindowState("day", 10.0, 8.0, T0)) == [0.7]
     assert book.due("embed", budget, WindowState("hour", 10.0, 8.0, T0)) == [0.7]

@@ -116,6 +116,8 @@ class ControlPlaneSettings(_Model):
     xds: Address = Address(port=18000)
     api: Address = Address(port=8088)
     resolve_interval: Duration = timedelta(seconds=30)
+    # Spend is written to the ledger this often, in one transaction; a crash loses at most this much.
+    spend_flush_interval: Duration = timedelta(seconds=1)
     alerts: Alerts = Alerts()
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import STATIC_STRATEGIES, Backend, Config, Objective, Pool
+from ..state import Weights
 from .stats import BackendStats
 from .strategies import Candidate, Decision, decide
 from .weights import pool_weights
@@ -20,9 +21,6 @@ WEIGHT_SCALE = 1000
 DEFAULT_MIX = (500, 200)  # prompt, completion tokens per request until some are seen
 REWARD_DECAY = 0.995  # per observation of a backend: old evidence fades for re-convergence
 DEFAULT_LATENCY_REF_MS = 5000.0
-
-Weights = dict[str, dict[str, int]]  # pool -> backend -> weight
-
 
 def request_cost(backend: Backend, prompt_tokens: float, completion_tokens: float) -> float:
     return (backend.cost.input_per_1k * prompt_tokens + backend.cost.output_per_1k * completion_tokens) / 1000.0

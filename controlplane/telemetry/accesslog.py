@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -93,9 +93,12 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
-    """Stream-unary: iterate the stream and return once (an async generator would drop everything)."""
+    """Stream-unary: iterate the stream and return once (an async generator would drop everything).
 
-    def __init__(self, sink: Callable[[Observation], None]) -> None:
+    Each message's entries go to the sink as one batch.
+    """
+
+    def __init__(self, sink: Callable[[list[Observation]], None]) -> None:
         self.sink = sink
         self.entries = 0
         self.errors = 0
@@ -105,18 +108,26 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
     ) -> als_pb2.StreamAccessLogsResponse:
         try:
             async for message in request_iterator:
-                if not message.HasField("http_logs"):
-                    continue
-                for entry in message.http_logs.log_entry:
-                    self.entries += 1
-                    try:
-                        self.sink(parse(entry))
-                    except Exception:  # one bad entry must not end the stream
-                        self.errors += 1
-                        log.exception("cannot use an access log entry")
+                if message.HasField("http_logs"):
+                    self.receive(message.http_logs.log_entry)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
         return als_pb2.StreamAccessLogsResponse()
+
+    def receive(self, entries: Iterable[accesslog_pb2.HTTPAccessLogEntry]) -> None:
+        batch = []
+        for entry in entries:
+            self.entries += 1
+            try:
+                batch.append(parse(entry))
+            except Exception:  # one bad entry must not end the stream
+                self.errors += 1
+                log.exception("cannot read an access log entry")
+        try:
+            self.sink(batch)
+        except Exception:
+            self.errors += len(batch)
+            log.exception("cannot use a batch of %d access log entries", len(batch))
 
 
 def add_to_server(service: AccessLogService, server: grpc.aio.Server) -> None:

@@ -47,6 +47,7 @@ from google.protobuf.message import Message
 
 from ..bootstrap import XDS_CLUSTER
 from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool, Retry
+from ..state import Addresses, Drained, Weights
 from . import typeurls
 
 LISTENER_NAME = "ingress"
@@ -55,9 +56,6 @@ ROUTE_NAME = "ingress"
 METADATA_NS = "llm_lb"
 _TLS_MATCH_NS = "envoy.transport_socket_match"
 
-Weights = Mapping[str, Mapping[str, int]]  # pool -> backend -> weight
-Addresses = Mapping[str, str]  # backend host name -> IP address
-Drained = frozenset[tuple[str, str]]  # (pool, backend) pairs taking no new requests
 
 
 def _any(message: Message) -> any_pb2.Any:
@@ -85,6 +83,28 @@ def _struct(values: Mapping[str, object]) -> struct_pb2.Struct:
     return out
 
 
+def clusters(config: Config) -> dict[str, Message]:
+    return {name: cluster(name, pool, config) for name, pool in config.pools.items()}
+
+
+def endpoints(config: Config, weights: Weights, addresses: Addresses, drained: Drained = frozenset()
+              ) -> dict[str, Message]:
+    return {
+        name: load_assignment(
+            name, pool, weights.get(name, {}), addresses, frozenset(b for p, b in drained if p == name)
+        )
+        for name, pool in config.pools.items()
+    }
+
+
+def listeners(config: Config) -> dict[str, Message]:
+    return {LISTENER_NAME: listener(config)}
+
+
+def routes(config: Config, rejected: Mapping[str, str] | None = None) -> dict[str, Message]:
+    return {ROUTE_NAME: route_configuration(config, rejected or {})}
+
+
 def build(
     config: Config,
     weights: Weights,
@@ -93,18 +113,11 @@ def build(
     rejected: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Message]]:
     """Every resource Envoy needs, keyed by type URL and resource name."""
-    clusters = {name: cluster(name, pool, config) for name, pool in config.pools.items()}
-    endpoints = {
-        name: load_assignment(
-            name, pool, weights.get(name, {}), addresses, frozenset(b for p, b in drained if p == name)
-        )
-        for name, pool in config.pools.items()
-    }
     return {
-        typeurls.CLUSTER: clusters,
-        typeurls.ENDPOINT: endpoints,
-        typeurls.LISTENER: {LISTENER_NAME: listener(config)},
-        typeurls.ROUTE: {ROUTE_NAME: route_configuration(config, rejected or {})},
+        typeurls.CLUSTER: clusters(config),
+        typeurls.ENDPOINT: endpoints(config, weights, addresses, drained),
+        typeurls.LISTENER: listeners(config),
+        typeurls.ROUTE: routes(config, rejected),
     }
 
 

@@ -47,6 +47,15 @@ class Snapshot:
             versions=MappingProxyType({t: content_version(r) for t, r in frozen.items()}),
         )
 
+    def update(self, changed: Mapping[str, Mapping[str, Message]]) -> Snapshot:
+        """A new snapshot with some types rebuilt; the others keep their resources and version unhashed."""
+        resources = dict(self.resources)
+        versions = dict(self.versions)
+        for type_url, built in changed.items():
+            resources[type_url] = MappingProxyType(dict(built))
+            versions[type_url] = content_version(resources[type_url])
+        return Snapshot(resources=MappingProxyType(resources), versions=MappingProxyType(versions))
+
     def version(self, type_url: str) -> str:
         return self.versions.get(type_url, "")
 

@@ -1,0 +1,35 @@
+"""Budgets against the live spend: the verdict is pure (scoring/budget.py); sending alerts is the side effect here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..alerts import Alerter
+from ..config import Config
+from ..scoring.budget import BudgetVerdict, evaluate
+from ..scoring.ledger import SpendBook
+
+
+class BudgetController:
+    def __init__(self, spend: SpendBook, alerter: Alerter, config: Callable[[], Config]) -> None:
+        self.spend = spend
+        self.alerter = alerter
+        self.config = config
+        self.verdict = BudgetVerdict()
+
+    def check(self, now: float | None = None, send: bool = True) -> bool:
+        """Re-evaluate; True when what Envoy must do (shift or reject a pool) changed.
+
+        The first check after a start passes send=False: thresholds crossed
+        before a restart were alerted then, so they are only noted.
+        """
+        now = time.time() if now is None else now
+        self.spend.prune(now)
+        budgets = {name: pool.budget for name, pool in self.config().pools.items()}
+        before = self.verdict
+        self.verdict = evaluate(budgets, self.spend.cost_by_hour(), now, before.alerted)
+        if send:
+            for alert in self.verdict.due:
+                self.alerter.send(alert.kind, alert.message, **alert.details())
+        return self.verdict.shifted != before.shifted or dict(self.verdict.rejected) != dict(before.rejected)

@@ -1,0 +1,53 @@
+"""The one desired state: everything Envoy's resources are built from, in one immutable value.
+
+Each input (the config reloader, the scoring loop, the budget controller, the
+DNS refresher, drains) proposes a new state for its own part; the reconciler
+turns the latest state into a snapshot. Nothing mutates a state in place, so
+a refused change simply never becomes the state: there is nothing to roll back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .config import Config
+
+Weights = Mapping[str, Mapping[str, int]]  # pool -> backend -> weight
+Addresses = Mapping[str, str]  # backend host name -> IP address
+Drained = frozenset[tuple[str, str]]  # (pool, backend) pairs taking no new requests
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    config: Config
+    weights: Weights = field(default_factory=_empty)
+    addresses: Addresses = field(default_factory=_empty)
+    drained: Drained = frozenset()
+    rejected: Mapping[str, str] = field(default_factory=_empty)  # pool -> why Envoy answers 429 for it
+
+    def replace(self, **changes: Any) -> DesiredState:
+        """A new state with some parts changed; mappings are frozen so no holder can edit them later."""
+        for name in ("weights", "addresses", "rejected"):
+            if name in changes:
+                changes[name] = _freeze(changes[name])
+        return dataclasses.replace(self, **changes)
+
+    def changed(self, other: DesiredState | None) -> frozenset[str]:
+        """The names of the parts that differ from `other` (all of them when there is none)."""
+        names = [f.name for f in dataclasses.fields(self)]
+        if other is None:
+            return frozenset(names)
+        return frozenset(n for n in names if getattr(self, n) is not getattr(other, n)
+                         and getattr(self, n) != getattr(other, n))
+
+
+def _freeze(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType({k: (_freeze(v) if isinstance(v, Mapping) else v) for k, v in value.items()})

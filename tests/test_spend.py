@@ -1,0 +1,114 @@
+"""The live spend book in memory, and the flusher that writes it to the ledger in batches."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from controlplane.controllers.spend import SpendFlusher
+from controlplane.scoring.ledger import HOUR, KEEP_HOURS, Spend, SpendBook, SqliteLedger
+
+T0 = datetime(2026, 3, 14, 10, tzinfo=UTC).timestamp()
+H0 = int(T0 // HOUR)
+
+
+def test_book_totals_hours_and_budget_input() -> None:
+    book = SpendBook()
+    book.add(T0 + 1, "chat", "a", 100, 50, 0.25)
+    book.add(T0 + 2, "chat", "a", 200, 25, 0.5)
+    book.add(T0 - 1, "chat", "b", 1, 2, 1.0)  # the hour before
+    book.add(T0 + 3, "embed", "a", 7, 0, 0.01)
+    assert book.total()[("chat", "a")] == Spend(2, 300, 75, pytest.approx(0.75))
+    assert book.since(T0) == {("chat", "a"): Spend(2, 300, 75, pytest.approx(0.75)),
+                              ("embed", "a"): Spend(1, 7, 0, pytest.approx(0.01))}
+    assert book.since(T0 - HOUR)[("chat", "b")] == Spend(1, 1, 2, 1.0)
+    assert book.cost_by_hour() == {(H0, "chat"): pytest.approx(0.75), (H0 - 1, "chat"): 1.0,
+                                   (H0, "embed"): pytest.approx(0.01)}
+
+
+def test_pending_rows_are_taken_once_and_given_back_on_failure() -> None:
+    book = SpendBook()
+    book.add(T0, "chat", "a", 10, 20, 0.3)
+    book.add(T0 + 1, "chat", "a", 1, 2, 0.1)
+    rows = book.take_pending()
+    assert rows == [(H0, "chat", "a", 2, 11, 22, pytest.approx(0.4))]
+    assert book.take_pending() == []
+    book.add(T0 + 2, "chat", "a", 1, 1, 0.1)
+    book.give_back(rows)  # the write failed: merged with what came since
+    assert book.take_pending() == [(H0, "chat", "a", 3, 12, 23, pytest.approx(0.5))]
+    assert book.total()[("chat", "a")].requests == 3, "totals are not counted twice"
+
+
+def test_old_hours_are_pruned_but_totals_kept() -> None:
+    book = SpendBook()
+    book.add(T0, "chat", "a", 1, 1, 1.0)
+    book.prune(T0 + (KEEP_HOURS + 1) * HOUR)
+    assert book.since(0) == {}
+    assert book.total()[("chat", "a")].cost == 1.0
+
+
+def test_book_loads_what_the_ledger_holds(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    try:
+        ledger.add([(H0 - 100, "chat", "a", 5, 50, 50, 5.0), (H0, "chat", "a", 2, 20, 20, 2.0)])
+        book = SpendBook.load(ledger, T0)
+    finally:
+        ledger.close()
+    assert book.total()[("chat", "a")] == Spend(7, 70, 70, 7.0)
+    assert book.since(T0) == {("chat", "a"): Spend(2, 20, 20, 2.0)}
+    assert book.take_pending() == [], "what was loaded is not written again"
+
+
+def test_ledger_batch_is_one_transaction(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    try:
+        ledger.add([(H0, "chat", "a", 1, 1, 1, 1.0)])
+        with pytest.raises(Exception):  # noqa: B017 - any database error will do
+            ledger.add([(H0, "chat", "a", 1, 1, 1, 1.0), (H0, "chat", None, 1, 1, 1, 1.0)])  # type: ignore[list-item]
+        assert ledger.spend(0)[("chat", "a")].requests == 1, "a failed batch leaves nothing behind"
+    finally:
+        ledger.close()
+
+
+class FlakyLedger:
+    """A ledger whose writes fail until told otherwise (a full disk, a locked file)."""
+
+    def __init__(self, real: SqliteLedger) -> None:
+        self.real = real
+        self.failing = True
+        self.writes = 0
+
+    def add(self, rows: list) -> None:
+        self.writes += 1
+        if self.failing:
+            raise OSError("disk full")
+        self.real.add(rows)
+
+
+def test_flusher_writes_batches_and_retries_failed_ones(tmp_path: Path) -> None:
+    real = SqliteLedger(tmp_path / "l.sqlite3")
+    ledger = FlakyLedger(real)
+    book = SpendBook()
+    flusher = SpendFlusher(book, ledger, interval=1.0)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        for i in range(1000):
+            book.add(T0 + i % 60, "chat", "a" if i % 2 else "b", 10, 5, 0.001)
+        await flusher.flush()
+        assert ledger.writes == 1 and flusher.failures == 1
+        book.add(T0, "chat", "a", 10, 5, 0.001)
+        ledger.failing = False
+        await flusher.flush()
+        assert ledger.writes == 2 and flusher.flushes == 1
+        await flusher.flush()
+        assert ledger.writes == 2, "nothing pending: no write"
+
+    try:
+        asyncio.run(main())
+        spent = real.spend(0)
+        assert spent[("chat", "a")].requests == 501 and spent[("chat", "b")].requests == 500
+    finally:
+        real.close()
