@@ -54,6 +54,9 @@ class PoolState:
     decision: Decision | None = None
     shifted: bool = False
     rng: random.Random = field(default_factory=random.Random)
+    # What a reward is measured against (most expensive unit cost, latency scale): refreshed each
+    # recompute, not per request, which would cost O(backends) on the access-log path.
+    reward_refs: tuple[float, float] | None = None
 
 
 class Engine:
@@ -69,6 +72,7 @@ class Engine:
         for pname, pool in config.pools.items():
             if pname not in self.pools:
                 self.pools[pname] = PoolState(rng=random.Random(pool.scoring.seed))
+            self.pools[pname].reward_refs = None  # prices may have changed
             for bname, backend in pool.backends.items():
                 key = (pname, bname)
                 keep.add(key)
@@ -129,10 +133,17 @@ class Engine:
         """One request's reward in 0..1 by the pool's objective; a failure earns nothing."""
         if not ok:
             return 0.0
+        state = self.pools[pool]
+        if state.reward_refs is None:
+            state.reward_refs = self._reward_refs(pool)
+        cost_ref, latency_ref = state.reward_refs
         return objective_reward(
             self.config.pools[pool].scoring.objective, self.stats[(pool, backend)].quality, cost, latency_ms,
-            max(self._unit_costs(pool).values()) or 1.0, self._latency_ref(pool),
+            cost_ref, latency_ref,
         )
+
+    def _reward_refs(self, pool: str) -> tuple[float, float]:
+        return max(self._unit_costs(pool).values()) or 1.0, self._latency_ref(pool)
 
     def _mix(self, pool: str) -> tuple[float, float]:
         prompt = completion = n = 0
@@ -177,6 +188,7 @@ class Engine:
 
     def _recompute_pool(self, pname: str, pool: Pool, shift: bool) -> bool:
         state = self.pools[pname]
+        state.reward_refs = None
         cands = self.candidates(pname)
         decision = decide(pool.strategy, cands, pool.scoring, state.rng, shift_to_cheapest=shift)
         if not any(decision.shares.values()):

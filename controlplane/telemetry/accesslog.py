@@ -11,11 +11,12 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+from google.protobuf import duration_pb2
 
 log = logging.getLogger("controlplane.telemetry")
 
@@ -23,8 +24,9 @@ USAGE_NS = "llm_lb.usage"
 CHARS_PER_TOKEN = 4  # for estimates when a response carries no usage block
 
 
-@dataclass(frozen=True)
-class Observation:
+class Observation(NamedTuple):
+    """One request as the scores and the spend need it (a tuple: built once per request, so cheap)."""
+
     request_id: str
     pool: str
     backend: str  # empty when Envoy answered itself (overflow, no healthy host)
@@ -42,7 +44,7 @@ class Observation:
         return 0 < self.status < 500 and self.status != 429
 
 
-def _ms(duration) -> float:  # google.protobuf.Duration
+def _ms(duration: duration_pb2.Duration) -> float:
     return duration.seconds * 1000.0 + duration.nanos / 1e6
 
 
@@ -50,45 +52,55 @@ def _flags(flags: accesslog_pb2.ResponseFlags) -> str:
     return ",".join(f.name for f, value in flags.ListFields() if value is True)
 
 
+def _quality(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return min(1.0, max(0.0, value)) if math.isfinite(value) else None
+
+
 def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
+    """Runs once per request: each protobuf field is read at most once, and only what is there."""
     common = entry.common_properties
-    usage = common.metadata.filter_metadata.get(USAGE_NS)
-    fields = dict(usage.fields) if usage is not None else {}
-
-    def number(key: str) -> int | None:
-        value = fields.get(key)
-        return int(value.number_value) if value is not None and value.HasField("number_value") else None
-
-    prompt, completion = number("prompt_tokens"), number("completion_tokens")
+    request = entry.request
+    response = entry.response
+    prompt = completion = chunks = None
+    metadata = common.metadata.filter_metadata
+    if USAGE_NS in metadata:
+        for key, value in metadata[USAGE_NS].fields.items():
+            if not value.HasField("number_value"):
+                continue
+            if key == "prompt_tokens":
+                prompt = int(value.number_value)
+            elif key == "completion_tokens":
+                completion = int(value.number_value)
+            elif key == "content_chunks":
+                chunks = int(value.number_value)
     estimated = prompt is None or completion is None
     if prompt is None:
-        prompt = max(1, entry.request.request_body_bytes // CHARS_PER_TOKEN) if entry.request.request_body_bytes else 0
+        body = request.request_body_bytes
+        prompt = max(1, body // CHARS_PER_TOKEN) if body else 0
     if completion is None:
-        chunks = number("content_chunks")
         # A streamed chunk carries about one token; a plain body about 4 characters per token.
-        completion = chunks if chunks is not None else entry.response.response_body_bytes // CHARS_PER_TOKEN
-    quality = None
-    raw_quality = entry.response.response_headers.get("x-quality-score")
-    if raw_quality:
-        try:
-            value = float(raw_quality)
-        except ValueError:
-            value = math.nan
-        quality = min(1.0, max(0.0, value)) if math.isfinite(value) else None
-    ttfb = _ms(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None
-    last = common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte") else common.duration
+        completion = chunks if chunks is not None else response.response_body_bytes // CHARS_PER_TOKEN
+    headers = response.response_headers
+    raw_quality = headers.get("x-quality-score") if headers else None
+    address = common.upstream_remote_address
+    served = address.HasField("socket_address") or address.ByteSize() > 0
     return Observation(
-        request_id=entry.request.request_id,
-        pool=common.upstream_cluster,
-        backend=common.custom_tags.get("backend", "") if common.upstream_remote_address.ByteSize() else "",
-        status=entry.response.response_code.value,
-        latency_ms=_ms(last),
-        ttfb_ms=ttfb,
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        usage_estimated=estimated,
-        response_flags=_flags(common.response_flags),
-        quality_header=quality,
+        request.request_id,
+        common.upstream_cluster,
+        common.custom_tags.get("backend", "") if served else "",
+        response.response_code.value,
+        _ms(common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte")
+            else common.duration),
+        _ms(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None,
+        prompt,
+        completion,
+        estimated,
+        _flags(common.response_flags) if common.HasField("response_flags") else "",
+        _quality(raw_quality) if raw_quality else None,
     )
 
 

@@ -30,27 +30,27 @@ class Telemetry:
         self.config = config
 
     def observe_batch(self, batch: Iterable[Observation]) -> None:
-        at = time.time()
+        at = time.time()  # one clock read per batch: hour buckets need no finer time
+        pools = self.config().pools
+        engine, spend, requests = self.engine, self.spend, self.requests
         for obs in batch:
-            self.observe(obs, at)
+            pool, backend = obs.pool, obs.backend
+            if not backend or pool not in pools:
+                continue  # answered by Envoy itself (overflow, budget, no host): no backend to score
+            ok = obs.ok
+            cost = engine.observe_request(pool, backend, ok, obs.latency_ms, obs.prompt_tokens, obs.completion_tokens)
+            if ok:
+                spend.add(at, pool, backend, obs.prompt_tokens, obs.completion_tokens, cost)
+            if obs.quality_header is not None:
+                engine.observe_feedback(pool, backend, obs.quality_header)
+            if obs.request_id:
+                waiting = requests.served(obs.request_id, pool, backend)
+                if waiting is not None:
+                    engine.observe_feedback(pool, backend, waiting)
 
-    def observe(self, obs: Observation, at: float | None = None) -> None:
+    def observe(self, obs: Observation) -> None:
         """One request from Envoy's access log: stats, spend, and any feedback waiting for it."""
-        if not obs.backend or obs.pool not in self.config().pools:
-            return  # answered by Envoy itself (overflow, budget, no host): no backend to score
-        ok = obs.ok
-        cost = self.engine.observe_request(
-            obs.pool, obs.backend, ok, obs.latency_ms, obs.prompt_tokens, obs.completion_tokens
-        )
-        if ok:
-            self.spend.add(time.time() if at is None else at, obs.pool, obs.backend, obs.prompt_tokens,
-                           obs.completion_tokens, cost)
-        if obs.quality_header is not None:
-            self.engine.observe_feedback(obs.pool, obs.backend, obs.quality_header)
-        if obs.request_id:
-            waiting = self.requests.served(obs.request_id, obs.pool, obs.backend)
-            if waiting is not None:
-                self.engine.observe_feedback(obs.pool, obs.backend, waiting)
+        self.observe_batch((obs,))
 
     def feedback(self, request_id: str, score: float) -> dict[str, Any]:
         served = self.requests.lookup(request_id)
