@@ -32,6 +32,7 @@ e2e: install
 
 lint: install
 	$(BIN)/ruff check controlplane tests
+	$(BIN)/mypy
 
 # The examples under configs/examples/ that name API keys need those variables set.
 validate: install

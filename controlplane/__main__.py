@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from .config import Config, ConfigError, load_config
 
@@ -98,13 +99,13 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
 def _api_base(args: argparse.Namespace) -> str:
     if args.api:
-        return args.api.rstrip("/")
+        return str(args.api).rstrip("/")
     if args.config:
         return f"http://{_load_or_exit(args.config).controlplane.api}"
     return "http://127.0.0.1:8088"
 
 
-def _call_api(method: str, url: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
+def _call_api(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     import urllib.error
     import urllib.request
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    return args.func(args)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

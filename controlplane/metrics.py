@@ -75,8 +75,8 @@ class SystemCollector(Collector):
         yield tokens
         budget = GaugeMetricFamily("llm_lb_budget_used_ratio", "Share of the budget spent", labels=["pool", "window"])
         for pool, states in views.budgets().windows.items():
-            for state in states:
-                budget.add_metric([pool, state.window], state.fraction)
+            for window in states:
+                budget.add_metric([pool, window.window], window.fraction)
         yield budget
         entries = CounterMetricFamily("llm_lb_access_log_entries", "Access log entries received from Envoy")
         entries.add_metric([], views.access_log.entries)

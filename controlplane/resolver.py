@@ -37,7 +37,7 @@ async def resolve(hosts: Iterable[str], previous: Mapping[str, str] | None = Non
             else:
                 log.warning("cannot resolve %s (%s); its backends get no traffic until it resolves", host, exc)
             continue
-        addresses = sorted({info[4][0] for info in infos}, key=lambda a: (":" in a, a))  # IPv4 first
+        addresses = sorted({str(info[4][0]) for info in infos}, key=lambda a: (":" in a, a))  # IPv4 first
         keep = previous.get(host)
         out[host] = keep if keep in addresses else addresses[0]
     return out

@@ -22,6 +22,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _SECRET_FIELDS = frozenset({"api_key"})  # only from the environment, never echoed
 _HIDDEN_FIELDS = _SECRET_FIELDS | {"webhook"}  # never echoed (webhook URLs often carry a token)
 
+Lines = dict[tuple[Any, ...], int]  # the line of every key, by its path
+
 
 class ConfigError(Exception):
     """Every problem found in one file, one line each."""
@@ -60,7 +62,7 @@ def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | N
     return config
 
 
-def read_yaml(text: str, source: str, needs: str, top_keys: str) -> tuple[dict[str, Any], dict, list[str]]:
+def read_yaml(text: str, source: str, needs: str, top_keys: str) -> tuple[dict[str, Any], Lines, list[str]]:
     """A YAML mapping, the line of every key, and the duplicate keys found (as errors).
 
     Syntax errors, an empty file and a top level that is not a mapping raise
@@ -78,13 +80,13 @@ def read_yaml(text: str, source: str, needs: str, top_keys: str) -> tuple[dict[s
         raise ConfigError([f"{source}: file is empty; it needs at least {needs}"])
     if not isinstance(data, dict):
         raise ConfigError([f"{source}:1: the top level must be a mapping ({top_keys})"])
-    lines: dict[tuple[Any, ...], int] = {}
+    lines: Lines = {}
     errors: list[str] = []
     _index_lines(root, (), lines, errors, source)
     return data, lines, errors
 
 
-def _index_lines(node: yaml.Node, path: tuple[Any, ...], lines: dict, errors: list[str], source: str) -> None:
+def _index_lines(node: yaml.Node, path: tuple[Any, ...], lines: Lines, errors: list[str], source: str) -> None:
     """Record the line of every key, and refuse duplicate keys (YAML would keep the last)."""
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
@@ -111,7 +113,7 @@ def _substitute(
     value: Any,
     path: tuple[Any, ...],
     env: Mapping[str, str],
-    lines: dict,
+    lines: Lines,
     errors: list[str],
     source: str,
     failed: set[tuple[Any, ...]],
@@ -145,7 +147,7 @@ def _substitute(
     return _ENV_REF.sub(replace, value)
 
 
-def source_line(path: tuple[Any, ...], lines: dict, source: str) -> str:
+def source_line(path: tuple[Any, ...], lines: Lines, source: str) -> str:
     """`file:line` of the nearest key along `path` that the file has."""
     for cut in range(len(path), -1, -1):
         if path[:cut] in lines:
@@ -172,7 +174,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
 
 
-def describe_error(error: Any, lines: dict, source: str, model: type[BaseModel] | None = None) -> str:
+def describe_error(error: Any, lines: Lines, source: str, model: type[BaseModel] | None = None) -> str:
     """One pydantic error as `file:line: pool ..., backend ..., field ...: message`."""
     loc = _clean_loc(error["loc"])
     msg: str = error["msg"].removeprefix("Value error, ")

@@ -195,6 +195,9 @@ RetryOn = Literal[
 ]
 
 
+DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("5xx", "reset", "connect-failure", "refused-stream", "retriable-status-codes")
+
+
 class Backoff(_Model):
     base_interval: Duration = timedelta(milliseconds=25)
     max_interval: Duration = timedelta(milliseconds=250)
@@ -204,9 +207,7 @@ class Retry(_Model):
     """Retries always go to another host than the one that failed."""
 
     attempts: int = Field(2, ge=0, le=10)
-    retry_on: list[RetryOn] = Field(
-        default_factory=lambda: ["5xx", "reset", "connect-failure", "refused-stream", "retriable-status-codes"]
-    )
+    retry_on: list[RetryOn] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
     retriable_status_codes: list[Annotated[int, Field(ge=100, le=599)]] = Field(default_factory=lambda: [429])
     per_try_timeout: Duration | None = None
     backoff: Backoff = Backoff()

@@ -73,7 +73,7 @@ def _number(lo: float, hi: float, integer: bool) -> Callable[[Any], Any]:
 def _health(value: Any) -> str:
     if value not in HEALTH:
         raise InvalidInputError(f"must be one of {', '.join(HEALTH)}")
-    return value
+    return str(value)
 
 
 LIVE_FIELDS: dict[str, Callable[[Any], Any]] = {
@@ -89,7 +89,7 @@ LIVE_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def error_body(message: str, type_: str = "invalid_request_error", code: Any = None) -> dict:
+def error_body(message: str, type_: str = "invalid_request_error", code: Any = None) -> dict[str, Any]:
     """OpenAI-style error envelope, so SDKs surface a readable message."""
     return {"error": {"message": message, "type": type_, "code": code}}
 
@@ -293,7 +293,7 @@ class MockHandler(BaseHTTPRequestHandler):
             self._json(200, {**base, "object": "chat.completion", "choices": [choice], "usage": usage})
         self.server.bump(completions=1, prompt_tokens=prompt, completion_tokens=s.completion_tokens)
 
-    def _stream(self, s: MockSettings, base: dict, pieces: list[str], usage: dict | None) -> None:
+    def _stream(self, s: MockSettings, base: dict[str, Any], pieces: list[str], usage: dict[str, Any] | None) -> None:
         chunked = self.request_version != "HTTP/1.0"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -308,7 +308,7 @@ class MockHandler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(raw), raw) if chunked else raw)
             self.wfile.flush()
 
-        def event(choices: list, **extra: Any) -> None:
+        def event(choices: list[Any], **extra: Any) -> None:
             obj = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
             send(b"data: " + json.dumps(obj).encode() + b"\n\n")
 

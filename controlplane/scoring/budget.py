@@ -133,14 +133,13 @@ def evaluate(
                 key = (pool, state.window, state.period, threshold)
                 keep.add(key)
                 if key not in alerted:
-                    exhausted = threshold >= 1.0
                     due.append(Alert(pool, state.window, threshold, state.spent, state.limit,
-                                     budget.on_exhausted if exhausted else None))
-        exhausted = [s for s in states if s.exhausted]
-        if not exhausted:
+                                     budget.on_exhausted if threshold >= 1.0 else None))
+        spent_out = [s for s in states if s.exhausted]
+        if not spent_out:
             continue
         if budget.on_exhausted == "reject":
-            w = exhausted[0]
+            w = spent_out[0]
             rejected[pool] = (f"the {w.window}ly budget of pool {pool!r} ({w.limit:g}) is exhausted "
                               f"(spent {w.spent:.4f}); try again in the next {w.window}")
         else:

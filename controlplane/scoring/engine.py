@@ -235,7 +235,7 @@ class Engine:
     def weights(self) -> Weights:
         return {pname: dict(state.weights) for pname, state in self.pools.items()}
 
-    def explain(self, pool: str, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+    def explain(self, pool: str, budget: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Each backend's weight with the inputs and the strategy's reasoning, for operators."""
         state = self.pools[pool]
         cfg = self.config.pools[pool]

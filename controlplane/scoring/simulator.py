@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,7 @@ def parse_workload(text: str, source: str = "<workload>", config: Config | None 
         errors.append(f"{source_line(('config',), lines, source)}: field 'config': must be an operator config (with 'pools')")
         data["config"] = None
     elif "config" in data:
+        assert root is not None  # read_yaml refused an empty file
         node = next(v for k, v in root.value if k.value == "config")
         # Re-parse the section's own text, padded so the config loader's line numbers match this file.
         mark = node.start_mark
@@ -148,7 +150,8 @@ def parse_workload(text: str, source: str = "<workload>", config: Config | None 
         errors += [describe_error(e, lines, source, model=Workload) for e in exc.errors()]
     if errors or workload is None:
         raise WorkloadError(errors)
-    problems = _cross_check(config or workload.config, workload) if (config or workload.config) else []
+    operator_config = config or workload.config
+    problems = _cross_check(operator_config, workload) if operator_config else []
     if problems:
         raise WorkloadError([f"{source_line(loc, lines, source)}: {where(loc)}: {msg}" for loc, msg in problems])
     return workload
@@ -163,7 +166,7 @@ def _cross_check(config: Config, workload: Workload) -> list[tuple[tuple[Any, ..
     pool = config.pools.get(workload.pool)
     if pool is None:
         return [(("pool",), f"the config has no pool {workload.pool!r} (has: {', '.join(config.pools)})")]
-    problems = [(("backends", name), f"pool {workload.pool!r} has no backend {name!r} (has: {', '.join(pool.backends)})")
+    problems: list[tuple[tuple[Any, ...], str]] = [(("backends", name), f"pool {workload.pool!r} has no backend {name!r} (has: {', '.join(pool.backends)})")
                 for name in workload.backends if name not in pool.backends]
     problems += [(("backends",), f"no truth given for backend {name!r} of pool {workload.pool!r}")
                  for name in pool.backends if name not in workload.backends]
@@ -263,7 +266,7 @@ def _draw(mean: float, sd: float, z: float, low: float, high: float) -> float:
     return min(high, max(low, mean + sd * z))
 
 
-def pick(weights: dict[str, int], names: list[str], rng: random.Random) -> str:
+def pick(weights: Mapping[str, int], names: list[str], rng: random.Random) -> str:
     """Envoy's weighted choice: weight 0 is never picked; if every weight is 0, any backend is."""
     live = [n for n in names if weights.get(n, 0) > 0]
     if not live:

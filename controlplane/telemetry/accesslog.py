@@ -45,7 +45,7 @@ class Observation(NamedTuple):
 
 
 def _ms(duration: duration_pb2.Duration) -> float:
-    return duration.seconds * 1000.0 + duration.nanos / 1e6
+    return float(duration.seconds * 1000.0 + duration.nanos / 1e6)
 
 
 def _flags(flags: accesslog_pb2.ResponseFlags) -> str:
@@ -104,7 +104,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
     )
 
 
-class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Stream-unary: iterate the stream and return once (an async generator would drop everything).
 
     Each message's entries go to the sink as one batch.

@@ -228,7 +228,7 @@ class _TypeState:
     subscribed: bool = False
 
 
-class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """The ADS servicer, and the per-node/per-stream book-keeping that `/v1/status` shows.
 
     `forget_after` (seconds) and `max_disconnected` bound what is kept of
