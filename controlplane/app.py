@@ -58,7 +58,7 @@ class App:
         self.telemetry = Telemetry(self.engine, self.spend, self.requests, self.config)
         self.access_log = accesslog.AccessLogService(self.telemetry.observe_batch)
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)
-        self.budgets = BudgetController(self.spend, self.alerter, self.config)
+        self.budgets = BudgetController(self.spend, self.alerter, self.reconciler)
         self.scoring = ScoringLoop(self.engine, self.budgets, self.requests, self.reconciler)
         self.reloader = ConfigReloader(config_path, self.reconciler, self.engine, lambda: self.budgets.verdict.shifted,
                                        watch_interval)

@@ -8,8 +8,11 @@ import pytest
 
 from controlplane.config import Budget, parse_config
 from controlplane.controllers.budgets import BudgetController
+from controlplane.reconciler import Reconciler
 from controlplane.scoring.budget import HOUR, evaluate
 from controlplane.scoring.ledger import SpendBook
+from controlplane.state import DesiredState
+from controlplane.xds.server import SnapshotCache
 
 # 2026-03-14 10:00:00 UTC
 T0 = datetime(2026, 3, 14, 10, tzinfo=UTC).timestamp()
@@ -102,7 +105,7 @@ pools:
 
 def controller(book: SpendBook) -> tuple[BudgetController, Sent]:
     sent = Sent()
-    return BudgetController(book, sent, lambda: CONFIG), sent  # type: ignore[arg-type]
+    return BudgetController(book, sent, Reconciler(SnapshotCache(), DesiredState(config=CONFIG))), sent
 
 
 def test_a_restart_does_not_repeat_alerts() -> None:
@@ -121,6 +124,8 @@ def test_a_restart_does_not_repeat_alerts() -> None:
     assert restarted.check(T0 + 6) is True, "exhausted with on_exhausted: reject changes what Envoy does"
     assert [(k, d["threshold"]) for k, d in sent_after.alerts] == [("budget_exhausted", 1.0)]
     assert "chat" in restarted.verdict.rejected
+    assert "chat" in restarted.reconciler.state.rejected, "proposed: Envoy answers 429 for the pool"
     # The next hour opens the pool again.
     assert restarted.check(T0 + HOUR) is True and not restarted.verdict.rejected
+    assert not restarted.reconciler.state.rejected
 

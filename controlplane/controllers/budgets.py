@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from typing import Any, Protocol
 
-from ..alerts import Alerter
-from ..config import Config
+from ..reconciler import Reconciler
 from ..scoring.budget import BudgetVerdict, evaluate
 from ..scoring.ledger import SpendBook
 
 
+class Sender(Protocol):
+    def send(self, kind: str, message: str, **details: Any) -> None: ...
+
+
 class BudgetController:
-    def __init__(self, spend: SpendBook, alerter: Alerter, config: Callable[[], Config]) -> None:
+    """Proposes which pools Envoy answers 429 for; the scoring loop reads which pools shift."""
+
+    def __init__(self, spend: SpendBook, alerter: Sender, reconciler: Reconciler) -> None:
         self.spend = spend
         self.alerter = alerter
-        self.config = config
+        self.reconciler = reconciler
         self.verdict = BudgetVerdict()
 
     def check(self, now: float | None = None, send: bool = True) -> bool:
@@ -26,10 +31,11 @@ class BudgetController:
         """
         now = time.time() if now is None else now
         self.spend.prune(now)
-        budgets = {name: pool.budget for name, pool in self.config().pools.items()}
+        budgets = {name: pool.budget for name, pool in self.reconciler.state.config.pools.items()}
         before = self.verdict
         self.verdict = evaluate(budgets, self.spend.cost_by_hour(), now, before.alerted)
         if send:
             for alert in self.verdict.due:
                 self.alerter.send(alert.kind, alert.message, **alert.details())
+        self.reconciler.propose(rejected=self.verdict.rejected)  # no change, no rebuild
         return self.verdict.shifted != before.shifted or dict(self.verdict.rejected) != dict(before.rejected)

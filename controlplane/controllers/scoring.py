@@ -28,7 +28,7 @@ class ScoringLoop:
         """Before serving: budgets as they stand (no alerts repeated), then weights from them."""
         self.budgets.check(send=False)
         self.engine.recompute(self.budgets.verdict.shifted)
-        self.reconciler.propose(weights=self.engine.weights(), rejected=self.budgets.verdict.rejected)
+        self.reconciler.propose(weights=self.engine.weights())
 
     async def run(self) -> None:
         while True:
@@ -48,7 +48,7 @@ class ScoringLoop:
             return
         for name in pools:
             self._due[name] = now + config.pools[name].scoring.interval.total_seconds()
-        budget_changed = self.budgets.check()
+        self.budgets.check()
         self.requests.expire()
-        if self.engine.recompute(self.budgets.verdict.shifted, pools) or budget_changed:
-            self.reconciler.propose(weights=self.engine.weights(), rejected=self.budgets.verdict.rejected)
+        if self.engine.recompute(self.budgets.verdict.shifted, pools):
+            self.reconciler.propose(weights=self.engine.weights())
