@@ -53,7 +53,8 @@ class App:
         self.engine.sync(config)
         self.ledger = SqliteLedger(state_dir / "ledger.sqlite3")
         self.spend = SpendBook.load(self.ledger, time.time())
-        self.flusher = SpendFlusher(self.spend, self.ledger, config.controlplane.spend_flush_interval.total_seconds())
+        self.flusher = SpendFlusher(self.spend, self.ledger,
+                                    lambda: self.config().controlplane.spend_flush_interval.total_seconds())
         self.requests = RequestIndex()
         self.telemetry = Telemetry(self.engine, self.spend, self.requests, self.config)
         self.access_log = accesslog.AccessLogService(self.telemetry.observe_batch)
@@ -64,6 +65,7 @@ class App:
                                        watch_interval)
         self.drains = Drains(state_dir / "state.json", self.reconciler)
         self.envoy: EnvoyProcess | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
         self._api: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -74,8 +76,10 @@ class App:
 
     def views(self) -> Views:
         return Views(
-            config=self.reloader.status, state=lambda: self.reconciler.state, snapshot=lambda: self.cache.snapshot,
-            xds=self.ads, backends=self.engine.stats, explain=self.engine.explain, spend=self.spend,
+            config=self.reloader.status, state=lambda: self.reconciler.state,
+            published=lambda: self.reconciler.published, build_failures=lambda: self.reconciler.failures,
+            snapshot=lambda: self.cache.snapshot, xds=self.ads, backends=self.engine.stats,
+            explain=self.engine.explain, spend=self.spend, ledger=self.flusher, pending_spend=lambda: self.spend.pending,
             budgets=lambda: self.budgets.verdict, access_log=self.access_log, envoy=lambda: self.envoy,
         )
 
@@ -84,7 +88,7 @@ class App:
         addresses = await resolver.resolve(resolver.backend_hosts(cfg))
         self.reconciler.propose(addresses=addresses)
         self.scoring.start()
-        await self.reconciler.flush()  # the first snapshot is there before any Envoy asks
+        self.reconciler.apply(self.reconciler.state)  # raises if it cannot be built: then nothing starts
         self.reconciler.start()
         self._grpc = await start_server(
             self.ads, cfg.controlplane.xds.address, cfg.controlplane.xds.port,
@@ -99,11 +103,11 @@ class App:
             self.envoy = EnvoyProcess(path, self.state_dir / "envoy.log", log_level=cfg.envoy.log_level,
                                       concurrency=cfg.envoy.concurrency)
             await self.envoy.start()
+        self._flusher = asyncio.create_task(self.flusher.run(), name="spend-flusher")
         self._tasks = [
             asyncio.create_task(self.reloader.run(), name="config-watcher"),
             asyncio.create_task(refresh_dns(self.reconciler), name="dns-refresher"),
             asyncio.create_task(self.scoring.run(), name="scoring"),
-            asyncio.create_task(self.flusher.run(), name="spend-flusher"),
             asyncio.create_task(Prober(self.config, self.telemetry.observe_health).run(), name="health-prober"),
         ]
 
@@ -118,7 +122,9 @@ class App:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self.reconciler.stop()
-        await self.flusher.flush()  # what came in since the last flush
+        self.flusher.stop()
+        if self._flusher is not None:
+            await self._flusher  # finishes its write in flight, then flushes what came in since
         await self.alerter.drain()
         self.ledger.close()
         self.stopped.set()

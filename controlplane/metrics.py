@@ -44,7 +44,7 @@ class SystemCollector(Collector):
             "llm_lb_envoys_in_sync", "Envoy nodes that accepted the current snapshot", value=len(views.xds.in_sync())
         )
         weight = GaugeMetricFamily("llm_lb_backend_weight", "Endpoint weight pushed to Envoy", labels=["pool", "backend"])
-        for pool, backends in views.state().weights.items():
+        for pool, backends in (views.published() or views.state()).weights.items():
             for backend, value in backends.items():
                 weight.add_metric([pool, backend], value)
         yield weight
@@ -81,6 +81,22 @@ class SystemCollector(Collector):
         entries = CounterMetricFamily("llm_lb_access_log_entries", "Access log entries received from Envoy")
         entries.add_metric([], views.access_log.entries)
         yield entries
+        unusable = CounterMetricFamily("llm_lb_access_log_errors", "Access log entries that could not be used")
+        unusable.add_metric([], views.access_log.errors)
+        yield unusable
+        yield CounterMetricFamily("llm_lb_ledger_flushes", "Spend batches written to the ledger",
+                                  value=views.ledger.flushes)
+        yield CounterMetricFamily("llm_lb_ledger_flush_failures",
+                                  "Spend batches that could not be written (kept in memory, retried)",
+                                  value=views.ledger.failures)
+        yield GaugeMetricFamily("llm_lb_ledger_last_flush_timestamp_seconds",
+                                "When spend last reached the ledger (0: not yet)", value=views.ledger.last_flush)
+        yield GaugeMetricFamily("llm_lb_ledger_pending_rows",
+                                "Spend rows in memory, not yet in the ledger: lost if the process dies",
+                                value=views.pending_spend())
+        yield CounterMetricFamily("llm_lb_snapshot_build_failures",
+                                  "Snapshots that could not be built; Envoy kept the last good one",
+                                  value=views.build_failures())
         restarts = CounterMetricFamily("llm_lb_envoy_restarts", "Times the supervised Envoy was restarted")
         envoy = views.envoy()
         restarts.add_metric([], envoy.restarts if envoy else 0)

@@ -101,9 +101,8 @@ class Reconciler:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def flush(self) -> None:
-        """Publish whatever is pending now (tests, and before a clean stop)."""
-        if self._dirty.is_set():
-            self._dirty.clear()
+        """Publish whatever is pending now, without waiting for the hold-off."""
+        if self._state is not self._built:
             self._rebuild()
 
     async def _run(self) -> None:

@@ -14,6 +14,7 @@ from .xds import typeurls
 def status(views: Views) -> dict[str, Any]:
     cfg, state, snapshot, envoy = views.config, views.state(), views.snapshot(), views.envoy()
     config = state.config
+    weights = (views.published() or state).weights  # what Envoy was sent, not what is about to be
     return {
         "config": {
             "path": str(cfg.path),
@@ -41,7 +42,7 @@ def status(views: Views) -> dict[str, Any]:
                     bname: {
                         "url": b.url,
                         "address": state.addresses.get(b.host),
-                        "weight": state.weights.get(name, {}).get(bname),
+                        "weight": weights.get(name, {}).get(bname),
                         "priority": b.priority,
                         "draining": (name, bname) in state.drained,
                         "api_key": "set" if b.api_key is not None else None,

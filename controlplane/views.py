@@ -7,15 +7,37 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
-from .controllers.reload import ConfigStatus
 from .scoring.budget import BudgetVerdict
 from .scoring.ledger import Spend
 from .scoring.stats import BackendStats
 from .state import DesiredState
 from .xds.server import XdsStats
 from .xds.snapshot import Snapshot
+
+
+class ConfigView(Protocol):
+    """The live config's file and what became of the latest edit."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def loaded_at(self) -> float: ...
+
+    @property
+    def reloads(self) -> int: ...
+
+    @property
+    def rejected(self) -> int: ...
+
+    @property
+    def errors(self) -> list[str]: ...
 
 
 class XdsView(Protocol):
@@ -44,19 +66,39 @@ class EnvoyView(Protocol):
 
 
 class Counts(Protocol):
-    entries: int
-    errors: int
+    @property
+    def entries(self) -> int: ...
+
+    @property
+    def errors(self) -> int: ...
+
+
+class LedgerView(Protocol):
+    """Whether spend reaches the disk: the crash bound holds only while flushes succeed."""
+
+    @property
+    def flushes(self) -> int: ...
+
+    @property
+    def failures(self) -> int: ...
+
+    @property
+    def last_flush(self) -> float: ...
 
 
 @dataclass(frozen=True)
 class Views:
-    config: ConfigStatus  # the live config's file and what became of the latest edit
-    state: Callable[[], DesiredState]  # the latest desired state
+    config: ConfigView
+    state: Callable[[], DesiredState]  # the latest desired state (maybe not yet published)
+    published: Callable[[], DesiredState | None]  # the state the served snapshot was built from
+    build_failures: Callable[[], int]  # snapshots that could not be built (the last good one stayed)
     snapshot: Callable[[], Snapshot | None]  # what Envoy is served
     xds: XdsView
     backends: Mapping[tuple[str, str], BackendStats]  # the scores' inputs, per (pool, backend)
     explain: Callable[[str, list[dict[str, Any]] | None], dict[str, Any]]  # one pool's weights, reasoned
     spend: SpendView
+    ledger: LedgerView
+    pending_spend: Callable[[], int]  # (hour, pool, backend) rows not yet written to the ledger
     budgets: Callable[[], BudgetVerdict]
     access_log: Counts
     envoy: Callable[[], EnvoyView | None]  # the supervised Envoy, if this process runs one

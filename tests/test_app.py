@@ -100,6 +100,8 @@ def test_reload_applies_valid_edits_and_keeps_last_good_on_errors(tmp_path):
         assert 'llm_lb_backend_weight{backend="a",pool="chat"} 1.0' in text
         assert 'llm_lb_config_reloads_total{result="rejected"} 1.0' in text
         assert 'llm_lb_config_reloads_total{result="applied"} 1.0' in text
+        assert "llm_lb_snapshot_build_failures_total 0.0" in text
+        assert "llm_lb_ledger_pending_rows 0.0" in text and "llm_lb_ledger_flush_failures_total 0.0" in text
         async with http.get("/healthz") as resp:
             assert resp.status == 200
 

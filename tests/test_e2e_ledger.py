@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from .harness import ControlPlane, Load, wait_for
+from .harness import ControlPlane, Load, http_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -57,6 +57,8 @@ def test_sigkill_under_load_loses_at_most_one_flush_interval(tmp_path, mocks):
             killed_at_total = load.statuses[200]
         cp.proc.wait(10)
         assert load.statuses.keys() <= {200}, load.failures  # Envoy served on without its control plane
+        backends_served = sum(http_json("GET", f"{m.url}/admin/stats")[1]["completions"] for m in (a, b))
+        assert backends_served >= load.statuses[200]
 
         in_ledger = ledger_requests(ledger)
         lost = served_before_kill - in_ledger
@@ -64,6 +66,7 @@ def test_sigkill_under_load_loses_at_most_one_flush_interval(tmp_path, mocks):
         print(f"served {served_before_kill} before the kill at {rate:.0f} rps; ledger {in_ledger}; "
               f"lost {lost} (bound {bound:.0f})")
         assert in_ledger <= killed_at_total + clients, "the ledger never counts more than was served"
+        assert in_ledger <= backends_served
         assert lost <= bound, f"lost {lost} requests of spend, more than one flush interval ({bound:.0f})"
     finally:
         cp.stop()

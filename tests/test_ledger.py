@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.config import Budget
-from controlplane.scoring.budget import WindowState, evaluate, windows
-from controlplane.scoring.ledger import DAY, HOUR, Spend, SqliteLedger, period_start
+from controlplane.scoring.budget import DAY, HOUR, WindowState, evaluate, period_start, windows
+from controlplane.scoring.ledger import Spend, SqliteLedger
 
 T0 = datetime(2026, 3, 14, 15, 0, tzinfo=UTC).timestamp()  # the start of an hour
 

@@ -85,8 +85,8 @@ def test_state_is_immutable() -> None:
 def test_a_burst_of_100_weight_changes_gives_a_few_pushes_and_the_last_is_exact() -> None:
     async def main() -> None:
         cache = CountingCache()
-        rec = Reconciler(cache, state(weights={"chat": {"a": 1, "b": 1}}), holdoff=0.005, max_holdoff=0.1)
-        await rec.flush()
+        # A hold-off far longer than the burst, so a busy machine's scheduling cannot split it much.
+        rec = Reconciler(cache, state(weights={"chat": {"a": 1, "b": 1}}), holdoff=0.05, max_holdoff=0.5)
         rec.apply(rec.state)
         sets_before = cache.sets
         rec.start()
@@ -108,6 +108,23 @@ def test_a_burst_of_100_weight_changes_gives_a_few_pushes_and_the_last_is_exact(
         pushes = cache.sets - sets_before
         assert 1 <= pushes <= 3, f"{pushes} snapshots for one burst of {burst * 1000:.1f} ms"
         assert rec.published is rec.state
+
+    asyncio.run(main())
+
+
+def test_flush_publishes_a_change_the_loop_is_still_holding() -> None:
+    async def main() -> None:
+        cache = SnapshotCache()
+        rec = Reconciler(cache, state(weights={"chat": {"a": 1, "b": 1}}), holdoff=10, max_holdoff=10)
+        rec.apply(rec.state)
+        rec.start()
+        try:
+            rec.propose(weights={"chat": {"a": 7, "b": 1}})
+            await asyncio.sleep(0.01)  # the loop has woken and is holding off
+            await rec.flush()
+            assert weights_in(cache.snapshot) == {"a": 7, "b": 1} and rec.published is rec.state
+        finally:
+            await rec.stop()
 
     asyncio.run(main())
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.controllers.spend import SpendFlusher
-from controlplane.scoring.ledger import HOUR, KEEP_HOURS, Spend, SpendBook, SqliteLedger
+from controlplane.scoring.budget import HOUR
+from controlplane.scoring.ledger import KEEP_HOURS, Spend, SpendBook, SqliteLedger
 
 T0 = datetime(2026, 3, 14, 10, tzinfo=UTC).timestamp()
 H0 = int(T0 // HOUR)
@@ -92,7 +93,7 @@ def test_flusher_writes_batches_and_retries_failed_ones(tmp_path: Path) -> None:
     real = SqliteLedger(tmp_path / "l.sqlite3")
     ledger = FlakyLedger(real)
     book = SpendBook()
-    flusher = SpendFlusher(book, ledger, interval=1.0)  # type: ignore[arg-type]
+    flusher = SpendFlusher(book, ledger, interval=lambda: 1.0)  # type: ignore[arg-type]
 
     async def main() -> None:
         for i in range(1000):
@@ -112,3 +113,22 @@ def test_flusher_writes_batches_and_retries_failed_ones(tmp_path: Path) -> None:
         assert spent[("chat", "a")].requests == 501 and spent[("chat", "b")].requests == 500
     finally:
         real.close()
+
+
+def test_a_stopped_flusher_finishes_with_one_last_flush(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "l.sqlite3")
+    book = SpendBook()
+    flusher = SpendFlusher(book, ledger, interval=lambda: 3600.0)  # only the stop makes it write
+
+    async def main() -> None:
+        task = asyncio.create_task(flusher.run())
+        await asyncio.sleep(0)
+        book.add(T0, "chat", "a", 1, 1, 0.5)
+        flusher.stop()
+        await asyncio.wait_for(task, 5)
+
+    try:
+        asyncio.run(main())
+        assert ledger.spend(0)[("chat", "a")].requests == 1 and flusher.flushes == 1
+    finally:
+        ledger.close()

@@ -87,9 +87,16 @@ class ConfigReloader:
             log.exception("cannot build Envoy resources for the edited config")
             self._reject(f"{status.path}: cannot build Envoy resources: {exc}", new_digest)
             return False
-        self.engine.sync(new)
-        self.engine.recompute(self.shifted())
-        self.reconciler.apply(state.replace(weights=self.engine.weights()))
+        try:
+            self.engine.sync(new)
+            self.engine.recompute(self.shifted())
+            self.reconciler.apply(state.replace(weights=self.engine.weights()))
+        except Exception as exc:  # noqa: BLE001 - a bug past the check: follow the live config again
+            log.exception("cannot apply the edited config")
+            self.engine.sync(old)  # what the edit removed comes back with its stats
+            self.engine.recompute(self.shifted())
+            self._reject(f"{status.path}: cannot apply: {exc}", new_digest)
+            return False
         status.digest, status.loaded_at, status.errors, status.rejected_digest = new_digest, time.time(), [], ""
         status.reloads += 1
         log.info("%s: reloaded (%d pools)", status.path, len(new.pools))

@@ -64,19 +64,25 @@ class Engine:
         self.stats: dict[tuple[str, str], BackendStats] = {}
         self.pools: dict[str, PoolState] = {}
         self._config: Config | None = None
+        # What the last sync() removed: a reload that fails after syncing syncs back and finds it here.
+        self._retired_stats: dict[tuple[str, str], BackendStats] = {}
+        self._retired_pools: dict[str, PoolState] = {}
 
     def sync(self, config: Config) -> None:
-        """Follow the config: new backends get stats, priors follow edits, removed ones go."""
+        """Follow the config: new backends get stats, priors follow edits, removed ones go (kept one sync)."""
         self._config = config
         keep = set()
         for pname, pool in config.pools.items():
             if pname not in self.pools:
-                self.pools[pname] = PoolState(rng=random.Random(pool.scoring.seed))
+                retired = self._retired_pools.pop(pname, None)
+                self.pools[pname] = retired or PoolState(rng=random.Random(pool.scoring.seed))
             self.pools[pname].reward_refs = None  # prices may have changed
             for bname, backend in pool.backends.items():
                 key = (pname, bname)
                 keep.add(key)
-                st = self.stats.get(key)
+                st = self.stats.get(key) or self._retired_stats.pop(key, None)
+                if st is not None:
+                    self.stats[key] = st
                 if st is None:
                     self.stats[key] = BackendStats(
                         prior_quality=backend.quality,
@@ -87,10 +93,8 @@ class Engine:
                     st.prior_quality = backend.quality
                     st.prior_weight = pool.scoring.quality_prior_weight
                     st.expected_latency_ms = backend.expected_latency_ms
-        for key in set(self.stats) - keep:
-            del self.stats[key]
-        for pname in set(self.pools) - set(config.pools):
-            del self.pools[pname]
+        self._retired_stats = {key: self.stats.pop(key) for key in set(self.stats) - keep}
+        self._retired_pools = {name: self.pools.pop(name) for name in set(self.pools) - set(config.pools)}
 
     @property
     def config(self) -> Config:

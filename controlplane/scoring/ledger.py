@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .budget import DAY, HOUR, period_start
-
-__all__ = ["DAY", "HOUR", "Ledger", "Row", "Spend", "SpendBook", "SqliteLedger", "period_start"]
+from .budget import HOUR
 
 Key = tuple[str, str]  # pool, backend
 Row = tuple[int, str, str, int, int, int, float]  # hour, pool, backend, requests, prompt, completion, cost
@@ -40,9 +38,6 @@ class Spend:
 
 
 class Ledger(Protocol):
-    def record(self, at: float, pool: str, backend: str, prompt_tokens: int, completion_tokens: int,
-               cost: float) -> None: ...
-
     def add(self, rows: Iterable[Row]) -> None:
         """Add a batch of per-hour deltas in one transaction: all of it lands, or none."""
         ...
@@ -83,6 +78,7 @@ class SqliteLedger:
 
     def record(self, at: float, pool: str, backend: str, prompt_tokens: int, completion_tokens: int,
                cost: float) -> None:
+        """One request, written at once (tools and tests; the service writes batches)."""
         self.add([(int(at // HOUR), pool, backend, 1, prompt_tokens, completion_tokens, cost)])
 
     def add(self, rows: Iterable[Row]) -> None:

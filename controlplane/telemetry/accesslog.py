@@ -110,7 +110,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
     Each message's entries go to the sink as one batch.
     """
 
-    def __init__(self, sink: Callable[[list[Observation]], None]) -> None:
+    def __init__(self, sink: Callable[[list[Observation]], int]) -> None:
+        """`sink` uses a batch and returns how many of its entries it could not use."""
         self.sink = sink
         self.entries = 0
         self.errors = 0
@@ -136,8 +137,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 self.errors += 1
                 log.exception("cannot read an access log entry")
         try:
-            self.sink(batch)
-        except Exception:
+            self.errors += self.sink(batch)
+        except Exception:  # the stream must outlive a bug in the sink
             self.errors += len(batch)
             log.exception("cannot use a batch of %d access log entries", len(batch))
 

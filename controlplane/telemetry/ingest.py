@@ -29,28 +29,32 @@ class Telemetry:
         self.requests = requests
         self.config = config
 
-    def observe_batch(self, batch: Iterable[Observation]) -> None:
+    def observe_batch(self, batch: Iterable[Observation]) -> int:
+        """Returns how many entries could not be used (each is logged)."""
         at = time.time()  # one clock read per batch: hour buckets need no finer time
         pools = self.config().pools
+        failed = 0
         engine, spend, requests = self.engine, self.spend, self.requests
         for obs in batch:
             pool, backend = obs.pool, obs.backend
             if not backend or pool not in pools:
                 continue  # answered by Envoy itself (overflow, budget, no host): no backend to score
-            ok = obs.ok
-            cost = engine.observe_request(pool, backend, ok, obs.latency_ms, obs.prompt_tokens, obs.completion_tokens)
-            if ok:
-                spend.add(at, pool, backend, obs.prompt_tokens, obs.completion_tokens, cost)
-            if obs.quality_header is not None:
-                engine.observe_feedback(pool, backend, obs.quality_header)
-            if obs.request_id:
-                waiting = requests.served(obs.request_id, pool, backend)
-                if waiting is not None:
-                    engine.observe_feedback(pool, backend, waiting)
-
-    def observe(self, obs: Observation) -> None:
-        """One request from Envoy's access log: stats, spend, and any feedback waiting for it."""
-        self.observe_batch((obs,))
+            try:
+                ok = obs.ok
+                cost = engine.observe_request(pool, backend, ok, obs.latency_ms, obs.prompt_tokens,
+                                              obs.completion_tokens)
+                if ok:
+                    spend.add(at, pool, backend, obs.prompt_tokens, obs.completion_tokens, cost)
+                if obs.quality_header is not None:
+                    engine.observe_feedback(pool, backend, obs.quality_header)
+                if obs.request_id:
+                    waiting = requests.served(obs.request_id, pool, backend)
+                    if waiting is not None:
+                        engine.observe_feedback(pool, backend, waiting)
+            except Exception:  # one entry that cannot be used must not cost the rest of its batch
+                failed += 1
+                log.exception("cannot use the access log entry of request %r", obs.request_id[:64])
+        return failed
 
     def feedback(self, request_id: str, score: float) -> dict[str, Any]:
         served = self.requests.lookup(request_id)

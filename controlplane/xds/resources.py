@@ -123,8 +123,15 @@ def build(
 
 @functools.cache
 def usage_lua() -> str:
-    """The listener's usage scanner, kept as a real .lua file so it can be read and linted as Lua."""
-    return (Path(__file__).with_name("usage.lua")).read_text(encoding="utf-8")
+    """The listener's usage scanner, kept as a real .lua file so it can be read and linted as Lua.
+
+    Its leading comment stays out of the listener, so editing the comment
+    changes no LDS version (a new version makes Envoy drain its listener).
+    """
+    lines = Path(__file__).with_name("usage.lua").read_text(encoding="utf-8").splitlines(keepends=True)
+    while lines and lines[0].startswith("--"):
+        lines.pop(0)
+    return "\n" + "".join(lines)
 
 
 def _usage_filter() -> hcm_pb2.HttpFilter:
