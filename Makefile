@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit e2e lint validate bootstrap clean
+.PHONY: install run test unit e2e lint validate bootstrap clean bench bench-smoke
 
 install: $(STAMP)
 
@@ -33,6 +33,16 @@ e2e: install
 lint: install
 	$(BIN)/ruff check controlplane tests
 	$(BIN)/mypy
+
+# Speed, reaction times and scale, each next to its baseline in the same run (needs Debian's wrk and
+# nginx-light). `make bench PART=dataplane` runs one part; the JSON lands in bench/results/.
+PART ?=
+bench: install
+	$(BIN)/python -m bench $(if $(PART),--part $(PART))
+
+# CI: every part for a few seconds, to prove it still produces figures (not what they are).
+bench-smoke: install
+	$(BIN)/python -m bench --smoke --out $${TMPDIR:-/tmp}/llm-lb-bench-smoke $(if $(PART),--part $(PART))
 
 # The examples under configs/examples/ that name API keys need those variables set.
 validate: install

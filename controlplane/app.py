@@ -43,7 +43,7 @@ log = logging.getLogger("controlplane")
 
 class App:
     def __init__(self, config_path: Path, config: Config, *, state_dir: Path, run_envoy: bool = True,
-                 node_id: str = "llm-lb-local", watch_interval: float = 0.5) -> None:
+                 node_id: str = "llm-lb-local", watch_interval: float = 0.1) -> None:
         self.state_dir, self.node_id, self._run_envoy = state_dir, node_id, run_envoy
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)

@@ -20,13 +20,34 @@ from .xds.snapshot import Snapshot
 
 log = logging.getLogger("controlplane.reconciler")
 
+Built = Mapping[str, Message]
+Builder = Callable[[DesiredState, Built | None, DesiredState | None], dict[str, Message]]
+
+
+def _endpoints(state: DesiredState, previous: Built | None, built_from: DesiredState | None) -> dict[str, Message]:
+    """Per pool: a weight change in one pool of a hundred rebuilds that pool's endpoints only."""
+    if previous is None or built_from is None or state.config is not built_from.config:
+        return resources.endpoints(state.config, state.weights, state.addresses, state.drained)
+    out: dict[str, Message] = {}
+    for name, pool in state.config.pools.items():
+        drained = frozenset(b for p, b in state.drained if p == name)
+        unchanged = (
+            name in previous
+            and state.weights.get(name) == built_from.weights.get(name)
+            and drained == frozenset(b for p, b in built_from.drained if p == name)
+            and all(state.addresses.get(b.host) == built_from.addresses.get(b.host) for b in pool.backends.values())
+        )
+        out[name] = previous[name] if unchanged else resources.load_assignment(
+            name, pool, state.weights.get(name, {}), state.addresses, drained)
+    return out
+
+
 # Per xDS type: the parts of the state it is built from, and how.
-BUILDERS: Mapping[str, tuple[frozenset[str], Callable[[DesiredState], dict[str, Message]]]] = {
-    typeurls.CLUSTER: (frozenset({"config"}), lambda s: resources.clusters(s.config)),
-    typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained"}),
-                        lambda s: resources.endpoints(s.config, s.weights, s.addresses, s.drained)),
-    typeurls.LISTENER: (frozenset({"config"}), lambda s: resources.listeners(s.config)),
-    typeurls.ROUTE: (frozenset({"config", "rejected"}), lambda s: resources.routes(s.config, s.rejected)),
+BUILDERS: Mapping[str, tuple[frozenset[str], Builder]] = {
+    typeurls.CLUSTER: (frozenset({"config"}), lambda s, _p, _b: resources.clusters(s.config)),
+    typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained"}), _endpoints),
+    typeurls.LISTENER: (frozenset({"config"}), lambda s, _p, _b: resources.listeners(s.config)),
+    typeurls.ROUTE: (frozenset({"config", "rejected"}), lambda s, _p, _b: resources.routes(s.config, s.rejected)),
 }
 
 
@@ -46,7 +67,10 @@ def build(state: DesiredState, previous: Snapshot | None = None, built_from: Des
     in the builders, never an operator error).
     """
     changed = state.changed(built_from if previous is not None else None)
-    rebuilt = {t: build_type(state) for t, (inputs, build_type) in BUILDERS.items() if inputs & changed}
+    rebuilt = {
+        t: build_type(state, previous.resources.get(t) if previous is not None else None, built_from)
+        for t, (inputs, build_type) in BUILDERS.items() if inputs & changed
+    }
     snapshot = previous.update(rebuilt) if previous is not None else Snapshot.of(rebuilt)
     problems = snapshot.problems()
     if problems:

@@ -59,6 +59,28 @@ def test_a_weight_change_rebuilds_only_endpoints() -> None:
     assert build(second).versions == after.versions
 
 
+def test_a_weight_change_in_one_pool_rebuilds_that_pool_only() -> None:
+    two = parse_config(CONFIG_TEXT + """
+  embed:
+    match: {prefix: /v2/}
+    backends:
+      e: {url: "http://127.0.0.1:9003"}
+""")
+    first = DesiredState(config=two, addresses=ADDRESSES, weights={"chat": {"a": 3, "b": 1}, "embed": {"e": 1}})
+    before = build(first)
+    second = first.replace(weights={"chat": {"a": 1, "b": 1}, "embed": {"e": 1}})
+    after = build(second, before, first)
+    assert after.resources[typeurls.ENDPOINT]["embed"] is before.resources[typeurls.ENDPOINT]["embed"]
+    assert weights_in(after) == {"a": 1, "b": 1}
+    drained = build(second.replace(drained=frozenset({("embed", "e")})), after, second)
+    assert drained.resources[typeurls.ENDPOINT]["chat"] is after.resources[typeurls.ENDPOINT]["chat"]
+    assert drained.resources[typeurls.ENDPOINT]["embed"] is not after.resources[typeurls.ENDPOINT]["embed"]
+    moved = build(second.replace(addresses={"127.0.0.1": "127.0.0.2"}), after, second)
+    assert all(moved.resources[typeurls.ENDPOINT][p] is not after.resources[typeurls.ENDPOINT][p]
+               for p in ("chat", "embed"))
+    assert build(second).versions == after.versions, "reused or rebuilt, the content is the same"
+
+
 def test_a_budget_rejection_rebuilds_only_routes() -> None:
     first = state()
     before = build(first)
@@ -135,7 +157,7 @@ def test_an_edit_that_cannot_be_built_changes_nothing(monkeypatch: pytest.Monkey
     good = rec.apply(rec.state)
     broken = dict(reconciler_module.BUILDERS)
 
-    def boom(s: DesiredState) -> dict:
+    def boom(*args: object) -> dict:
         raise ValueError("builder bug")
 
     broken[typeurls.LISTENER] = (frozenset({"config"}), boom)
@@ -153,7 +175,7 @@ def test_a_failed_background_rebuild_keeps_serving_the_last_snapshot(monkeypatch
         good = rec.apply(rec.state)
         broken = dict(reconciler_module.BUILDERS)
 
-        def boom(s: DesiredState) -> dict:
+        def boom(*args: object) -> dict:
             raise ValueError("builder bug")
 
         broken[typeurls.ENDPOINT] = (broken[typeurls.ENDPOINT][0], boom)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import NamedTuple
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 log = logging.getLogger("controlplane.telemetry")
 
@@ -52,6 +52,10 @@ def _flags(flags: accesslog_pb2.ResponseFlags) -> str:
     return ",".join(f.name for f, value in flags.ListFields() if value is True)
 
 
+def _count(value: struct_pb2.Value) -> int | None:
+    return int(value.number_value) if value.HasField("number_value") else None
+
+
 def _quality(raw: str) -> float | None:
     try:
         value = float(raw)
@@ -68,15 +72,13 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
     prompt = completion = chunks = None
     metadata = common.metadata.filter_metadata
     if USAGE_NS in metadata:
-        for key, value in metadata[USAGE_NS].fields.items():
-            if not value.HasField("number_value"):
-                continue
-            if key == "prompt_tokens":
-                prompt = int(value.number_value)
-            elif key == "completion_tokens":
-                completion = int(value.number_value)
-            elif key == "content_chunks":
-                chunks = int(value.number_value)
+        fields = metadata[USAGE_NS].fields
+        if "prompt_tokens" in fields:
+            prompt = _count(fields["prompt_tokens"])
+        if "completion_tokens" in fields:
+            completion = _count(fields["completion_tokens"])
+        if "content_chunks" in fields:
+            chunks = _count(fields["content_chunks"])
     estimated = prompt is None or completion is None
     if prompt is None:
         body = request.request_body_bytes
@@ -127,12 +129,13 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             pass
         return als_pb2.StreamAccessLogsResponse()
 
-    def receive(self, entries: Iterable[accesslog_pb2.HTTPAccessLogEntry]) -> None:
-        batch = []
+    def receive(self, entries: Sequence[accesslog_pb2.HTTPAccessLogEntry]) -> None:
+        self.entries += len(entries)
+        batch: list[Observation] = []
+        append = batch.append
         for entry in entries:
-            self.entries += 1
             try:
-                batch.append(parse(entry))
+                append(parse(entry))
             except Exception:  # one bad entry must not end the stream
                 self.errors += 1
                 log.exception("cannot read an access log entry")

@@ -23,6 +23,7 @@ class RequestIndex:
         self.wait_seconds = wait_seconds
         self._served: OrderedDict[str, Served] = OrderedDict()
         self._pending: OrderedDict[str, tuple[float, float]] = OrderedDict()  # request id -> (score, since)
+        self._shared: dict[tuple[str, str], Served] = {}  # one Served per backend, not one per request
         self.expired = 0
 
     def lookup(self, request_id: str) -> Served | None:
@@ -32,10 +33,19 @@ class RequestIndex:
         """Remember who served a request; returns feedback that was waiting for it."""
         if not request_id:
             return None
-        self._served[request_id] = Served(pool, backend)
-        self._served.move_to_end(request_id)
-        while len(self._served) > self.capacity:
-            self._served.popitem(last=False)
+        served = self._shared.get((pool, backend))
+        if served is None:
+            if len(self._shared) > 10_000:  # backends come and go with edits; never grow without bound
+                self._shared.clear()
+            served = self._shared[(pool, backend)] = Served(pool, backend)
+        index = self._served
+        if request_id in index:
+            index.move_to_end(request_id)
+        index[request_id] = served
+        if len(index) > self.capacity:
+            index.popitem(last=False)
+        if not self._pending:
+            return None
         waiting = self._pending.pop(request_id, None)
         return waiting[0] if waiting else None
 

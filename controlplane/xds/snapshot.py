@@ -38,6 +38,8 @@ def content_version(resources: Mapping[str, Message]) -> str:
 class Snapshot:
     resources: Mapping[str, Mapping[str, Message]]
     versions: Mapping[str, str] = field(default_factory=dict)
+    # Each resource packed into an Any once, not once per stream: with 100 Envoys that was most of a push.
+    _packed: dict[str, dict[str, any_pb2.Any]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, resources: Mapping[str, Mapping[str, Message]]) -> Snapshot:
@@ -54,7 +56,8 @@ class Snapshot:
         for type_url, built in changed.items():
             resources[type_url] = MappingProxyType(dict(built))
             versions[type_url] = content_version(resources[type_url])
-        return Snapshot(resources=MappingProxyType(resources), versions=MappingProxyType(versions))
+        packed = {t: p for t, p in self._packed.items() if t not in changed}
+        return Snapshot(resources=MappingProxyType(resources), versions=MappingProxyType(versions), _packed=packed)
 
     def version(self, type_url: str) -> str:
         return self.versions.get(type_url, "")
@@ -62,12 +65,15 @@ class Snapshot:
     def packed(self, type_url: str, names: Iterable[str] = ()) -> list[any_pb2.Any]:
         """The resources for a response: all of a wildcard type, else those asked for by name."""
         available = self.resources.get(type_url, {})
+        cache = self._packed.setdefault(type_url, {})
         wanted = sorted(available) if type_url in typeurls.WILDCARD or not names else sorted(set(names))
         out = []
         for name in wanted:
             if name in available:
-                packed = any_pb2.Any()
-                packed.Pack(available[name])
+                packed = cache.get(name)
+                if packed is None:
+                    packed = cache[name] = any_pb2.Any()
+                    packed.Pack(available[name])
                 out.append(packed)
         return out
 

@@ -1,0 +1,1 @@
+"""`make bench`: the product's speed, reaction times and scale, each compared with a baseline in the same run."""
