@@ -135,7 +135,8 @@ def _build_rows(backends: int, pools: int, repeats: int) -> list[Row]:
         rows.append(Row(PART, f"snapshot build, full, {label}", full_ms, "ms", note=note))
     rows.append(Row(PART, f"snapshot rebuild, weights only (EDS), {label}", eds_ms, "ms",
                     note=f"median of {repeats}; CDS, LDS, RDS reused"
-                         + (f"; EDS of all {pools} pools rebuilt for a change in one" if pools > 1 else "")))
+                         + (f"; only the changed pool's endpoints rebuilt, the EDS version hashes all {pools}"
+                            if pools > 1 else "")))
     return rows
 
 
@@ -145,7 +146,7 @@ def _per_type(config: Config) -> str:
     per_type = {}
     for type_url, (_, builder) in BUILDERS.items():
         t = time.perf_counter()
-        builder(state)
+        builder(state, None, None)
         per_type[typeurls.SHORT[type_url]] = (time.perf_counter() - t) * 1000
     return "builders: " + ", ".join(f"{k} {v:.2g} ms" for k, v in per_type.items())
 

@@ -81,6 +81,8 @@ class SystemCollector(Collector):
         entries = CounterMetricFamily("llm_lb_access_log_entries", "Access log entries received from Envoy")
         entries.add_metric([], views.access_log.entries)
         yield entries
+        yield CounterMetricFamily("llm_lb_access_log_messages", "Access log messages (batches) received from Envoy",
+                                  value=views.access_log.messages)
         unusable = CounterMetricFamily("llm_lb_access_log_errors", "Access log entries that could not be used")
         unusable.add_metric([], views.access_log.errors)
         yield unusable

@@ -67,6 +67,9 @@ class EnvoyView(Protocol):
 
 class Counts(Protocol):
     @property
+    def messages(self) -> int: ...
+
+    @property
     def entries(self) -> int: ...
 
     @property
