@@ -14,6 +14,7 @@ import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from .common import ROOT, Context, Missing, Row
 
@@ -56,11 +57,27 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_readme(result: dict[str, Any], rows: list[Row], name: str) -> None:
+    """Replace the table between the README's markers with this run's, headed by when, what and where."""
+    m = result["machine"]
+    head = (f"Run {result['date']} at commit `{result['commit']}` on {m['cores']} cores ({m['cpu']}), "
+            f"{m['memory_gb']} GB, Python {m['python']}, Envoy {m['envoy']}; load average at start "
+            f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])}. JSON: `bench/results/{name}`.")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(text[:start] + "\n" + head + "\n\n" + table(rows) + "\n" + text[end:])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--part", action="append", choices=PARTS, help="run only these parts (default: all)")
     p.add_argument("--smoke", action="store_true", help="each part for a few seconds: checks it runs, not speed")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the JSON goes")
+    p.add_argument("--readme", action="store_true", help="also put the table in README.md's Performance section")
     args = p.parse_args(argv)
     ctx = Context(smoke=args.smoke)
     rows: list[Row] = []
@@ -93,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(rows))
     print(f"\nwritten: {out / name}")
+    if args.readme and not failed:
+        update_readme(result, rows, name)
+        print("README.md: Performance table updated")
     empty = [part for part in args.part or PARTS if part not in failed and not any(r.part == part for r in rows)]
     blank = [f"{r.part}: {r.metric}" for r in rows if r.value is None or not math.isfinite(r.value)]
     if failed or empty or blank:
