@@ -51,7 +51,6 @@ from ..state import Addresses, Drained, Weights
 from . import typeurls
 
 LISTENER_NAME = "ingress"
-ALS_BUFFER_BYTES = 128 * 1024
 ROUTE_NAME = "ingress"
 # Endpoint metadata namespace: backend identity and its upstream credential.
 METADATA_NS = "llm_lb"
@@ -164,9 +163,6 @@ def _access_log() -> accesslog_pb2.AccessLog:
                     ),
                     transport_api_version=config_source_pb2.ApiVersion.V3,
                     buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
-                    # 16 KiB (the default) is ~35 entries a message; each message costs the control plane a
-                    # wake-up, so larger batches cut its CPU per entry under load.
-                    buffer_size_bytes=wrappers_pb2.UInt32Value(value=ALS_BUFFER_BYTES),
                     custom_tags=[backend_tag],
                 ),
                 additional_response_headers_to_log=["x-quality-score"],
