@@ -8,6 +8,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ def machine() -> dict[str, object]:
 
     envoy = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True).stdout.strip()
     return {"cores": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_kb / 1024 / 1024, 1),
-            "python": platform.python_version(), "envoy": envoy.split("version:")[-1].strip()[:60],
+            "python": platform.python_version(),
+            "envoy": (m.group(1) if (m := re.search(r"/(\d+\.\d+\.\d+)/", envoy)) else envoy[-60:]),
             "load_avg_at_start": os.getloadavg()}
 
 
