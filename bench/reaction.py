@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.harness import ControlPlane, Load, MockBackend, StandaloneEnvoy, chat_body, http_json
+from tests.harness import ControlPlane, Load, MockBackend, StandaloneEnvoy, chat_body, http_json, wait_for
 
 from .common import Context, Row
 
@@ -78,18 +78,8 @@ def _weights(cp: ControlPlane) -> dict[int, int]:
 
 def _poll(condition: Callable[[], T], timeout: float, what: str, interval: float = POLL) -> tuple[T, float]:
     """Check `condition` every `interval` s; return its first truthy value and when (monotonic) it was seen."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition()
-            if value:
-                return value, time.monotonic()
-        except (OSError, http.client.HTTPException, KeyError, RuntimeError, AssertionError) as exc:
-            last_error = exc
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}"
-                       + (f" (last error: {last_error!r})" if last_error else ""))
+    value = wait_for(condition, timeout=timeout, interval=interval, what=what)
+    return value, time.monotonic()
 
 
 def _stable(read: Callable[[], T], quiet: float, timeout: float, what: str) -> T:
