@@ -33,8 +33,7 @@ from .openloop import open_loop
 
 WORKERS = 1  # Envoy worker threads, the same for plain Envoy and the product
 ROUNDS, ROUNDS_SMOKE = 3, 1
-HELD_BACK_RPS = ("on 2 cores Envoy's worker shares the CPU with wrk, nginx and the control plane (~20% of a core "
-                 "at 10k rps); the Lua filter is still entered per response (issue 9: per route)")
+HELD_BACK_RPS = "the Lua usage scanner reads every response body (issue 9: native json_to_metadata)"
 HELD_BACK_CPU = ("here it shares 2 cores with Envoy, nginx and wrk and wakes for each batch; the same code takes "
                  "12-14 µs with a core to itself (scale part). Python per entry: protobuf reads, scoring, spend")
 RATE = 1000  # requests per second for the fixed-rate comparison

@@ -1,8 +1,8 @@
 """Envoy's gRPC access log -> one observation per request.
 
-Token usage arrives as dynamic metadata (namespace `llm_lb.usage`), set by the
-listener's `json_to_metadata` filter for JSON responses and by its Lua filter
-for streamed ones (the final SSE chunk, read as the body streams past).
+Token usage arrives as dynamic metadata (namespace `llm_lb.usage`) set by the
+listener's Lua filter, which reads the `usage` block of a JSON body or of the
+final SSE chunk as the body streams past, without buffering it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from ..xds.resources import USAGE_NS
-
 log = logging.getLogger("controlplane.telemetry")
 
+USAGE_NS = "llm_lb.usage"
 CHARS_PER_TOKEN = 4  # for estimates when a response carries no usage block
 
 

@@ -29,7 +29,6 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
-from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
@@ -39,7 +38,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
-from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.matcher.v3 import string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.tracing.v3 import custom_tag_pb2
 from envoy.type.v3 import percent_pb2, range_pb2
@@ -55,8 +54,6 @@ LISTENER_NAME = "ingress"
 ROUTE_NAME = "ingress"
 # Endpoint metadata namespace: backend identity and its upstream credential.
 METADATA_NS = "llm_lb"
-# Dynamic metadata namespace of a response's token usage, which the access log carries to the control plane.
-USAGE_NS = "llm_lb.usage"
 _TLS_MATCH_NS = "envoy.transport_socket_match"
 
 
@@ -137,26 +134,6 @@ def usage_lua() -> str:
     return "\n" + "".join(lines)
 
 
-def _json_usage_filter() -> hcm_pb2.HttpFilter:
-    """Token usage of a JSON response, read natively (no measurable cost; a Lua body scan cost ~35% rps)."""
-    jtm = json_to_metadata_pb2.JsonToMetadata
-
-    def rule(field: str) -> json_to_metadata_pb2.JsonToMetadata.Rule:
-        return jtm.Rule(
-            selectors=[jtm.Selector(key="usage"), jtm.Selector(key=field)],
-            on_present=jtm.KeyValuePair(metadata_namespace=USAGE_NS, key=field, type=jtm.NUMBER),
-        )
-
-    return hcm_pb2.HttpFilter(
-        name="envoy.filters.http.json_to_metadata",
-        typed_config=_any(jtm(response_rules=jtm.MatchRules(
-            rules=[rule("prompt_tokens"), rule("completion_tokens")],
-            # The default list is only `application/json`; servers often add `; charset=utf-8`.
-            allow_content_types_regex=regex_pb2.RegexMatcher(regex=r"application/json\s*(;.*)?"),
-        ))),
-    )
-
-
 def _usage_filter() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(
         name="llm_lb.usage",
@@ -201,7 +178,6 @@ def listener(config: Config) -> listener_pb2.Listener:
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
         http_filters=[
-            _json_usage_filter(),
             _usage_filter(),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ],
