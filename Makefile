@@ -31,11 +31,11 @@ e2e: install
 	$(BIN)/python -m pytest -q -m e2e
 
 lint: install
-	$(BIN)/ruff check controlplane tests
+	$(BIN)/ruff check controlplane tests bench
 	$(BIN)/mypy
 
 # Speed, reaction times and scale, each next to its baseline in the same run (needs Debian's wrk and
-# nginx-light). `make bench PART=dataplane` runs one part; the JSON lands in bench/results/.
+# nginx). `make bench PART=dataplane` runs one part; the JSON lands in bench/results/.
 PART ?=
 bench: install
 	$(BIN)/python -m bench $(if $(PART),--part $(PART))

@@ -9,6 +9,8 @@ import math
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -81,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the JSON goes")
     p.add_argument("--readme", action="store_true", help="also put the table in README.md's Performance section")
     args = p.parse_args(argv)
+    # A `timeout` or Ctrl-C ends the run through `finally` blocks, so every process started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ctx = Context(smoke=args.smoke)
+    meta = {"commit": commit(), "machine": machine()}  # before the load: a failure here loses no results
     rows: list[Row] = []
     failed: list[str] = []
     started = time.time()
@@ -102,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {len(got)} figures in {time.monotonic() - t:.0f}s", flush=True)
     result = {
         "date": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
-        "commit": commit(), "smoke": args.smoke, "seconds": round(time.time() - started, 1),
-        "machine": machine(), "failed_parts": failed, "rows": [r.as_dict() for r in rows],
+        "commit": meta["commit"], "smoke": args.smoke, "seconds": round(time.time() - started, 1),
+        "machine": meta["machine"], "failed_parts": failed, "rows": [r.as_dict() for r in rows],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         print("README.md: Performance table updated")
     empty = [part for part in args.part or PARTS if part not in failed and not any(r.part == part for r in rows)]
     blank = [f"{r.part}: {r.metric}" for r in rows if r.value is None or not math.isfinite(r.value)]
+    if not failed:
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
+    else:
+        print(f"logs of the failed parts: {ctx.workdir}", file=sys.stderr)
     if failed or empty or blank:
         print(f"parts that produced no figures: {', '.join(failed + empty) or '-'}; "
               f"figures without a number: {', '.join(blank) or '-'}", file=sys.stderr)

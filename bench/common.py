@@ -28,7 +28,7 @@ CHAT_BODY = b'{"model":"bench","messages":[{"role":"user","content":"hello"}]}'
 COMPLETION = ('{"id":"bench","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",'
               '"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":30,'
               '"total_tokens":42}}')
-DEBIAN = {"wrk": "wrk", "nginx": "nginx-light"}
+DEBIAN = {"wrk": "wrk", "nginx": "nginx"}
 
 
 class Missing(RuntimeError):  # noqa: N818 - reads as "raise Missing(...)"
@@ -132,7 +132,11 @@ http {{
 """)
         self.proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(prefix)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _answers(ports[0]), timeout=10, what="nginx to answer")
+        try:
+            wait_for(lambda: _answers(ports[0]), timeout=10, what="nginx to answer")
+        except BaseException:
+            self.stop()
+            raise
 
     def url(self, i: int = 0) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
@@ -143,7 +147,7 @@ http {{
 
 def _answers(port: int) -> bool:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
-        return resp.status == 200
+        return bool(resp.status == 200)
 
 
 # -- load -------------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ from .openloop import open_loop
 
 WORKERS = 1  # Envoy worker threads, the same for plain Envoy and the product
 ROUNDS, ROUNDS_SMOKE = 3, 1
-HELD_BACK_RPS = "the Lua usage scanner reads every response body (issue 9: native json_to_metadata)"
-HELD_BACK_CPU = ("here it shares 2 cores with Envoy, nginx and wrk and wakes for each batch; the same code takes "
-                 "12-14 µs with a core to itself (scale part). Python per entry: protobuf reads, scoring, spend")
+HELD_BACK_RPS = ("the Lua usage scanner reads every response body, and Envoy's worker shares 2 cores with wrk, "
+                 "nginx and the control plane (see the CPU row)")
+HELD_BACK_CPU = ("it shares 2 cores with Envoy, nginx and wrk, and wakes for each batch; compare the scale part's "
+                 "ingest row, where it has a core to itself")
 RATE = 1000  # requests per second for the fixed-rate comparison
 PATH = "/v1/completions"  # to the fast static backend
 STREAM_PATH = "/v1/chat/completions"  # to the streaming mock
@@ -79,7 +80,11 @@ class PlainEnvoy:
         self.proc = subprocess.Popen([find_envoy(), "-c", str(path), "--disable-hot-restart", "--concurrency",
                                       str(WORKERS), "--base-id", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(lambda: _status(f"127.0.0.1:{self.port}", PATH) == 200, timeout=20, what="plain Envoy")
+        try:
+            wait_for(lambda: _status(f"127.0.0.1:{self.port}", PATH) == 200, timeout=20, what="plain Envoy")
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -140,9 +145,10 @@ def timed_stream(hostport: str) -> tuple[float, float]:
 def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     nginx = Nginx(ctx.workdir, [free_port(), free_port()])
-    stream = MockBackend("stream", args=["--stream-chunks", "20", "--chunk-delay-ms", "5"])
+    stream: MockBackend | None = None
     plain = cp = None
     try:
+        stream = MockBackend("stream", args=["--stream-chunks", "20", "--chunk-delay-ms", "5"])
         plain = PlainEnvoy(ctx.workdir, nginx.ports)
         cp = product(ctx.workdir, nginx, stream)
         targets = {"direct": f"{nginx.url(0)}{PATH}", "plain Envoy": plain.url,
@@ -208,7 +214,8 @@ def run(ctx: Context) -> list[Row]:
             cp.stop()
         if plain is not None:
             plain.stop()
-        stream.stop()
+        if stream is not None:
+            stream.stop()
         nginx.stop()
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from .common import CHAT_BODY
 
+TIMEOUT = 10.0  # seconds for one answer; a stuck request counts as an error, not a hang
+
 
 @dataclass(frozen=True)
 class OpenLoopResult:
@@ -39,18 +41,31 @@ async def _session(host: str, port: int, path: str, due: list[float], latencies:
                 await asyncio.sleep(wait)
             elif wait < -0.001:
                 counters["late"] += 1
-            writer.write(request)
-            status_line = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            try:
+                writer.write(request)
+                ok = await asyncio.wait_for(_answer(reader), TIMEOUT)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+                ok = False
+                writer.close()  # a closed or stuck connection: the next request gets a new one
+                reader, writer = await asyncio.open_connection(host, port)
             latencies.append((time.perf_counter() - due[i]) * 1000)
-            if not status_line.startswith(b"HTTP/1.1 200"):
+            if not ok:
                 counters["errors"] += 1
     finally:
         writer.close()
+
+
+async def _answer(reader: asyncio.StreamReader) -> bool:
+    """Read one response; True if it was a 200."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise asyncio.IncompleteReadError(b"", None)
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status_line.startswith(b"HTTP/1.1 200")
 
 
 async def _run(host: str, port: int, path: str, rate: float, seconds: float, connections: int) -> OpenLoopResult:

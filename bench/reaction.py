@@ -99,7 +99,7 @@ def _stable(read: Callable[[], T], quiet: float, timeout: float, what: str) -> T
 def _attempts(host: dict[str, Any]) -> int:
     """Every try Envoy made on a host: requests and connections (a connect to a dead port counts here)."""
     stats = host["stats"]
-    return stats.get("rq_total", 0) + stats.get("cx_total", 0) + stats.get("cx_connect_fail", 0)
+    return int(stats.get("rq_total", 0) + stats.get("cx_total", 0) + stats.get("cx_connect_fail", 0))
 
 
 def _percentile(values: list[float], pct: float) -> float:
@@ -225,8 +225,10 @@ def _config_edits(ctx: Context, workdir: Path) -> list[Row]:
             weight = 10 + i
             written = time.monotonic()
             cp.write_config(_pool(backends, per_backend={"a": {"weight": weight}}))
-            _, seen = _poll(lambda w=weight: _weights(cp)[port] == w, 10,
-                            f"Envoy to show weight {weight} after edit {i + 1}")
+            def shows(w: int = weight) -> bool:
+                return _weights(cp)[port] == w
+
+            _, seen = _poll(shows, 10, f"Envoy to show weight {weight} after edit {i + 1}")
             times.append((seen - written) * 1000)
         p50, p99 = statistics.median(times), _percentile(times, 99)
         floor = min(times)
@@ -271,8 +273,10 @@ def _deep_health(ctx: Context, workdir: Path) -> list[Row]:
                 code, body = http_json("POST", f"{victim.url}/admin/config", {"health_status": status})
                 if code != 200:
                     raise RuntimeError(f"mock backend refused health_status={status}: {code} {body}")
-                _, seen = _poll(lambda b=before: _weights(cp)[victim.port] != b[victim.port],
-                                15, f"Envoy's weight for the {status} backend to change")
+                def moved(b: dict[int, int] = before) -> bool:
+                    return _weights(cp)[victim.port] != b[victim.port]
+
+                _, seen = _poll(moved, 15, f"Envoy's weight for the {status} backend to change")
                 out.append((seen - changed_at) * 1000)
         bound = (f"bounded by deep_health.interval {probe:g} s (+ the prober's {PROBE_TICK * 1000:.0f} ms tick) "
                  f"+ scoring.interval {scoring:g} s: at most ~{(probe + PROBE_TICK + scoring) * 1000:.0f} ms")

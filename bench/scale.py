@@ -251,8 +251,8 @@ def _push_rows(ctx: Context, backends: int, pools: int, counts: tuple[int, ...],
 def _push_holdback(r: PushResult) -> str:
     cpu_ms = r.cpu_per_change_ms
     if cpu_ms >= 0.7 * statistics.median(r.change_s) * 1000:
-        return (f"CPU-bound: {cpu_ms:.0f} ms of control-plane CPU per change (every pool's endpoints rebuilt, "
-                f"then every resource packed into an Any again for each of the {r.envoys} streams)")
+        return (f"CPU-bound: {cpu_ms:.0f} ms of control-plane CPU per change (the changed pool's endpoints, the EDS "
+                f"version hash over all pools, and the response serialized for each of the {r.envoys} streams)")
     return "not CPU-bound in the control plane: the wait is in delivery (gRPC, the simulated Envoys) or other load"
 
 
@@ -421,7 +421,7 @@ def _ingest_rows(ctx: Context, window: float, backends: int, pools: int, referen
     if backends == 1000:
         rss_met = rss < RSS_TARGET_MB
         rows.append(Row(PART, metric, rss, "MB", f"< {RSS_TARGET_MB:g} MB", rss_met, index + (
-            "" if rss_met else "; most of what ingest adds is that index (each id with its own strings)")))
+            "" if rss_met else "; most of what ingest adds is that index (one entry per request id)")))
     else:
         rows.append(Row(PART, metric, rss, "MB", note=index))
     return rows

@@ -34,7 +34,7 @@ def free_port() -> int:
         while True:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+                port = int(s.getsockname()[1])
             if port not in _handed_out:
                 _handed_out.add(port)
                 return port
@@ -174,7 +174,7 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         code, body = http_json("GET", f"{self.api}/v1/status")
-        assert code == 200, body
+        assert code == 200 and isinstance(body, dict), body
         return body
 
     def listener_up(self) -> bool:
@@ -188,10 +188,10 @@ class ControlPlane:
 
         digest = file_digest(self.config_path.read_bytes())
 
-        def applied() -> dict[str, Any] | None:
+        def applied() -> dict[str, Any]:
             status = self.status()
             ok = status["config"]["version"] == digest and status["in_sync"]
-            return status if ok else None
+            return status if ok else {}
 
         return wait_for(applied, timeout=timeout, what="the config edit to be applied and acknowledged")
 

@@ -144,3 +144,25 @@ def test_response_flags_are_named() -> None:
     obs = parse(e)
     assert set(obs.response_flags.split(",")) == {"no_healthy_upstream", "upstream_overflow"}
     assert obs.backend == "" and obs.ok is False
+
+
+@pytest.mark.parametrize(
+    ("reported", "counted"),
+    [
+        pytest.param(45, 45, id="plausible"),
+        pytest.param(0, 0, id="zero"),
+        pytest.param(2.9, 2, id="fraction-truncated"),
+        pytest.param(-5, None, id="negative"),
+        pytest.param(1e18, None, id="absurd"),
+        pytest.param(float("nan"), None, id="nan"),
+        pytest.param(float("inf"), None, id="infinite"),
+        pytest.param("45", None, id="string"),
+    ],
+)
+def test_implausible_usage_counts_are_estimated_not_trusted(reported: object, counted: int | None) -> None:
+    obs = parse(entry(usage={"prompt_tokens": 10, "completion_tokens": reported}, response_bytes=400))
+    if counted is None:
+        assert obs.completion_tokens == 400 // CHARS_PER_TOKEN and obs.usage_estimated
+    else:
+        assert obs.completion_tokens == counted and not obs.usage_estimated
+    assert obs.prompt_tokens == 10

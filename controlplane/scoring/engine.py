@@ -116,8 +116,7 @@ class Engine:
         cfg = p.backends.get(backend) if p is not None else None
         if cfg is None or st is None or p is None:
             return 0.0
-        cost = (cfg.cost.input_per_1k * prompt_tokens + cfg.cost.output_per_1k * completion_tokens) / 1000.0 \
-            if ok else 0.0
+        cost = request_cost(cfg, prompt_tokens, completion_tokens) if ok else 0.0
         st.observe(ok, latency_ms, prompt_tokens, completion_tokens, cost)
         if p.strategy == "adaptive_learning":  # the only reader of the reward posterior
             st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), REWARD_DECAY)

@@ -21,6 +21,7 @@ from google.protobuf import duration_pb2, struct_pb2
 log = logging.getLogger("controlplane.telemetry")
 
 USAGE_NS = "llm_lb.usage"
+MAX_TOKENS = 10_000_000  # more than any model's context; beyond it a count is a lie or a bug
 CHARS_PER_TOKEN = 4  # for estimates when a response carries no usage block
 
 
@@ -53,7 +54,12 @@ def _flags(flags: accesslog_pb2.ResponseFlags) -> str:
 
 
 def _count(value: struct_pb2.Value) -> int | None:
-    return int(value.number_value) if value.HasField("number_value") else None
+    """A token count as the usage filter found it; anything but a plausible count is treated as absent
+    (the request is then estimated), so a lying backend cannot make a request free or ruin a budget."""
+    if not value.HasField("number_value"):
+        return None
+    number = value.number_value
+    return int(number) if 0 <= number <= MAX_TOKENS else None
 
 
 def _quality(raw: str) -> float | None:
