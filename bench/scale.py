@@ -40,6 +40,7 @@ BUILD_TARGET_MS = 100.0
 PUSH_TARGET_S = 1.0
 RSS_TARGET_MB = 200.0
 INGEST_TARGET = 50_000.0
+INGEST_WINDOWS = 3  # full mode: the median of this many back-to-back windows
 CPU_PER_ENTRY_TARGET_US = 15.0
 ALS_STREAMS = 10
 SHORT_TO_TYPE = {short: t for t, short in typeurls.SHORT.items()}
@@ -371,11 +372,18 @@ def _ingest_rows(ctx: Context, window: float, backends: int, pools: int, referen
         _await_line(sender, "streaming", timeout=30, who="the access-log senders")
         time.sleep(1.0)  # warm-up: streams at full speed, first scoring round done
         api, pid = cp.api, cp.proc.pid
-        entries0, cpu0, sender0, t0 = (metric_value(api, "llm_lb_access_log_entries_total"), proc_cpu_seconds(pid),
-                                       proc_cpu_seconds(sender.pid), time.monotonic())
-        time.sleep(window)
-        entries1, cpu1, sender1, t1 = (metric_value(api, "llm_lb_access_log_entries_total"), proc_cpu_seconds(pid),
-                                       proc_cpu_seconds(sender.pid), time.monotonic())
+        # Several windows back to back, and the median one reported: a noisy neighbour on this shared
+        # machine can spoil one window, rarely most of them.
+        samples = []
+        for _ in range(1 if ctx.smoke else INGEST_WINDOWS):
+            begin = (metric_value(api, "llm_lb_access_log_entries_total"), proc_cpu_seconds(pid),
+                     proc_cpu_seconds(sender.pid), time.monotonic())
+            time.sleep(window)
+            end = (metric_value(api, "llm_lb_access_log_entries_total"), proc_cpu_seconds(pid),
+                   proc_cpu_seconds(sender.pid), time.monotonic())
+            samples.append((begin, end))
+        ranked = sorted(samples, key=lambda w: (w[1][1] - w[0][1]) / max(1.0, w[1][0] - w[0][0]))
+        (entries0, cpu0, sender0, t0), (entries1, cpu1, sender1, t1) = ranked[len(ranked) // 2]
         if sender.poll() is not None:
             raise RuntimeError(f"the access-log senders stopped early: {sender.stderr.read() if sender.stderr else ''}")
         rss = proc_rss_mb(pid)
@@ -391,7 +399,7 @@ def _ingest_rows(ctx: Context, window: float, backends: int, pools: int, referen
     rate = entries / elapsed
     cpu_us = (cpu1 - cpu0) / entries * 1e6
     busy = (cpu1 - cpu0) / elapsed
-    context = (f"over {elapsed:.1f} s from {ALS_STREAMS} streams; control plane busy {busy * 100:.0f}% of a core; "
+    context = (f"median of {len(samples)} windows of {elapsed:.1f} s from {ALS_STREAMS} streams; control plane busy {busy * 100:.0f}% of a core; "
                f"senders {(sender1 - sender0) / elapsed * 100:.0f}% of a core")
     if errors:
         context += f"; control-plane log: {errors}"
