@@ -186,6 +186,12 @@ def run(ctx: Context) -> list[Row]:
                         note=f"{cpu_per_entry[1]:,.0f} entries over the product's 32-connection runs"
                              + ("" if cpu_per_entry[0] <= 15 else f"; {HELD_BACK_CPU}")))
         rows.append(Row("dataplane", "control plane RSS after the runs", proc_rss_mb(cp.proc.pid), "MB"))
+        als = cp.envoy_stats("access_logs.grpc_access_log")
+        written = als.get("access_logs.grpc_access_log.logs_written", 0)
+        dropped = als.get("access_logs.grpc_access_log.logs_dropped", 0)
+        rows.append(Row("dataplane", "access-log entries Envoy dropped", dropped, "count",
+                        note=f"of {written:,} written (at most once: a full buffer or a broken stream drops them, "
+                             "and their spend with them)"))
 
         settle()
         fixed = {name: open_loop(targets[name], RATE, ctx.seconds) for name in ("direct", "product")}
