@@ -150,13 +150,16 @@ class Engine:
     def _reward_refs(self, pool: str) -> tuple[float, float]:
         return max(self._unit_costs(pool).values()) or 1.0, self._latency_ref(pool)
 
+    def _pool_stats(self, pool: str) -> list[BackendStats]:
+        """The pool's own stats (not a scan of every backend of every pool: 100 pools would make it O(n²))."""
+        return [st for name in self.config.pools[pool].backends if (st := self.stats.get((pool, name))) is not None]
+
     def _mix(self, pool: str) -> tuple[float, float]:
         prompt = completion = n = 0
-        for (p, _), st in self.stats.items():
-            if p == pool:
-                prompt += st.prompt_tokens
-                completion += st.completion_tokens
-                n += st.requests - st.errors
+        for st in self._pool_stats(pool):
+            prompt += st.prompt_tokens
+            completion += st.completion_tokens
+            n += st.requests - st.errors
         return (prompt / n, completion / n) if n and (prompt or completion) else DEFAULT_MIX
 
     def _unit_costs(self, pool: str) -> dict[str, float]:
@@ -164,7 +167,7 @@ class Engine:
         return {name: request_cost(b, prompt, completion) for name, b in self.config.pools[pool].backends.items()}
 
     def _latency_ref(self, pool: str) -> float:
-        seen = [st.latency_ms for (p, _), st in self.stats.items() if p == pool and st.latency_ms]
+        seen = [st.latency_ms for st in self._pool_stats(pool) if st.latency_ms]
         return 2.0 * max(seen) if seen else DEFAULT_LATENCY_REF_MS
 
     # -- decisions ------------------------------------------------------------
