@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from controlplane.envoyproc import find_envoy
-from tests.harness import ControlPlane, MockBackend
+from tests.harness import ControlPlane, MockBackend, http_json
 
 from .common import (
     Context,
@@ -81,7 +81,7 @@ class PlainEnvoy:
                                       str(WORKERS), "--base-id", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT)
         try:
-            wait_for(lambda: _status(f"127.0.0.1:{self.port}", PATH) == 200, timeout=20, what="plain Envoy")
+            wait_for(lambda: http_json("POST", self.url, {})[0] == 200, timeout=20, what="plain Envoy")
         except BaseException:
             self.stop()
             raise
@@ -93,17 +93,6 @@ class PlainEnvoy:
     def stop(self) -> None:
         stop_pid(self.proc)
         self._log.close()
-
-
-def _status(hostport: str, path: str) -> int:
-    conn = http.client.HTTPConnection(hostport, timeout=2)
-    try:
-        conn.request("POST", path, body=b"{}", headers={"content-type": "application/json"})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status
-    finally:
-        conn.close()
 
 
 def product(workdir: Path, nginx: Nginx, stream: MockBackend) -> ControlPlane:

@@ -79,7 +79,7 @@ class App:
             config=self.reloader.status, state=lambda: self.reconciler.state,
             published=lambda: self.reconciler.published, build_failures=lambda: self.reconciler.failures,
             snapshot=lambda: self.cache.snapshot, xds=self.ads, backends=self.engine.stats,
-            explain=self.engine.explain, spend=self.spend, ledger=self.flusher, pending_spend=lambda: self.spend.pending,
+            explain=self.engine.explain, spend=self.spend, ledger=self.flusher,
             budgets=lambda: self.budgets.verdict, access_log=self.access_log, envoy=lambda: self.envoy,
         )
 

@@ -44,7 +44,7 @@ class SystemCollector(Collector):
             "llm_lb_envoys_in_sync", "Envoy nodes that accepted the current snapshot", value=len(views.xds.in_sync())
         )
         weight = GaugeMetricFamily("llm_lb_backend_weight", "Endpoint weight pushed to Envoy", labels=["pool", "backend"])
-        for pool, backends in (views.published() or views.state()).weights.items():
+        for pool, backends in views.pushed_weights().items():
             for backend, value in backends.items():
                 weight.add_metric([pool, backend], value)
         yield weight
@@ -95,7 +95,7 @@ class SystemCollector(Collector):
                                 "When spend last reached the ledger (0: not yet)", value=views.ledger.last_flush)
         yield GaugeMetricFamily("llm_lb_ledger_pending_rows",
                                 "Spend rows in memory, not yet in the ledger: lost if the process dies",
-                                value=views.pending_spend())
+                                value=views.spend.pending)
         yield CounterMetricFamily("llm_lb_snapshot_build_failures",
                                   "Snapshots that could not be built; Envoy kept the last good one",
                                   value=views.build_failures())

@@ -14,7 +14,7 @@ from .xds import typeurls
 def status(views: Views) -> dict[str, Any]:
     cfg, state, snapshot, envoy = views.config, views.state(), views.snapshot(), views.envoy()
     config = state.config
-    weights = (views.published() or state).weights  # what Envoy was sent, not what is about to be
+    weights = views.pushed_weights()
     return {
         "config": {
             "path": str(cfg.path),

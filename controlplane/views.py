@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from .scoring.budget import BudgetVerdict
 from .scoring.ledger import Spend
 from .scoring.stats import BackendStats
-from .state import DesiredState
+from .state import DesiredState, Weights
 from .xds.server import XdsStats
 from .xds.snapshot import Snapshot
 
@@ -55,6 +55,11 @@ class SpendView(Protocol):
     def total(self) -> dict[tuple[str, str], Spend]: ...
 
     def since(self, start: float) -> dict[tuple[str, str], Spend]: ...
+
+    @property
+    def pending(self) -> int:
+        """(hour, pool, backend) rows not yet written to the ledger."""
+        ...
 
 
 class EnvoyView(Protocol):
@@ -101,10 +106,13 @@ class Views:
     explain: Callable[[str, list[dict[str, Any]] | None], dict[str, Any]]  # one pool's weights, reasoned
     spend: SpendView
     ledger: LedgerView
-    pending_spend: Callable[[], int]  # (hour, pool, backend) rows not yet written to the ledger
     budgets: Callable[[], BudgetVerdict]
     access_log: Counts
     envoy: Callable[[], EnvoyView | None]  # the supervised Envoy, if this process runs one
+
+    def pushed_weights(self) -> Weights:
+        """What Envoy was sent, not what is about to be."""
+        return (self.published() or self.state()).weights
 
 
 @dataclass(frozen=True)

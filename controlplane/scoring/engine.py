@@ -81,8 +81,6 @@ class Engine:
                 key = (pname, bname)
                 keep.add(key)
                 st = self.stats.get(key) or self._retired_stats.pop(key, None)
-                if st is not None:
-                    self.stats[key] = st
                 if st is None:
                     self.stats[key] = BackendStats(
                         prior_quality=backend.quality,
@@ -90,6 +88,7 @@ class Engine:
                         expected_latency_ms=backend.expected_latency_ms,
                     )
                 else:
+                    self.stats[key] = st
                     st.prior_quality = backend.quality
                     st.prior_weight = pool.scoring.quality_prior_weight
                     st.expected_latency_ms = backend.expected_latency_ms
@@ -100,10 +99,6 @@ class Engine:
     def config(self) -> Config:
         assert self._config is not None, "sync() first"
         return self._config
-
-    def backend(self, pool: str, name: str) -> Backend | None:
-        p = self.config.pools.get(pool)
-        return p.backends.get(name) if p else None
 
     # -- observations -------------------------------------------------------
 

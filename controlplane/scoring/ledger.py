@@ -138,9 +138,9 @@ class SpendBook:
     def add(self, at: float, pool: str, backend: str, prompt_tokens: int, completion_tokens: int,
             cost: float) -> None:
         bucket = (int(at // HOUR), pool, backend)
-        _bump(self._total, (pool, backend), prompt_tokens, completion_tokens, cost)
-        _bump(self._hours, bucket, prompt_tokens, completion_tokens, cost)
-        _bump(self._pending, bucket, prompt_tokens, completion_tokens, cost)
+        _bump(self._total, (pool, backend), 1, prompt_tokens, completion_tokens, cost)
+        _bump(self._hours, bucket, 1, prompt_tokens, completion_tokens, cost)
+        _bump(self._pending, bucket, 1, prompt_tokens, completion_tokens, cost)
 
     def take_pending(self) -> list[Row]:
         """What changed since the last call, as ledger rows; the caller gives it back if writing fails."""
@@ -150,11 +150,7 @@ class SpendBook:
     def give_back(self, rows: Iterable[Row]) -> None:
         """A failed write: merge its rows into what is pending, to be tried again."""
         for hour, pool, backend, requests, prompt, completion, cost in rows:
-            c = self._pending.setdefault((hour, pool, backend), [0, 0, 0, 0.0])
-            c[0] += requests
-            c[1] += prompt
-            c[2] += completion
-            c[3] += cost
+            _bump(self._pending, (hour, pool, backend), requests, prompt, completion, cost)
 
     @property
     def pending(self) -> int:
@@ -185,12 +181,13 @@ class SpendBook:
         return out
 
 
-def _bump(table: dict[Any, list[float]], key: Any, prompt: int, completion: int, cost: float) -> None:
+def _bump(table: dict[Any, list[float]], key: Any, requests: int, prompt: int, completion: int,
+          cost: float) -> None:
     c = table.get(key)
     if c is None:
-        table[key] = [1, prompt, completion, cost]
+        table[key] = [requests, prompt, completion, cost]
     else:
-        c[0] += 1
+        c[0] += requests
         c[1] += prompt
         c[2] += completion
         c[3] += cost
