@@ -55,30 +55,46 @@ def status(views: Views) -> dict[str, Any]:
     }
 
 
+NO_MODEL = "(none)"  # the models key for spend whose request and backend named no model
+
+
 def cost_report(views: Views, now: float | None = None) -> dict[str, Any]:
-    """Spend per pool and backend for this hour and day, against each budget (from memory, not the ledger)."""
+    """Spend per pool, per backend and per model for this hour and day, against each budget (from memory,
+    not the ledger)."""
     now = time.time() if now is None else now
-    hour = views.spend.since(period_start(now, "hour"))
-    day = views.spend.since(period_start(now, "day"))
+    hour_start, day_start = period_start(now, "hour"), period_start(now, "day")
+    hour = views.spend.since(hour_start)
+    day = views.spend.since(day_start)
     total = views.spend.total()
+    # per pool, per model label: (hour, day, total); "" and a model the client called "(none)" share one label
+    models: dict[str, dict[str, list[Spend]]] = {}
+    for at, spent in enumerate((views.spend.by_model(hour_start), views.spend.by_model(day_start),
+                                views.spend.by_model())):
+        for (pname, model), s in spent.items():
+            sums = models.setdefault(pname, {}).setdefault(model or NO_MODEL, [Spend(), Spend(), Spend()])
+            sums[at] += s
     verdict = views.budgets()
     pools: dict[str, Any] = {}
     for pname, pool in views.state().config.pools.items():
         backends = {}
         for bname in pool.backends:
             key = (pname, bname)
-            t = total.get(key, Spend())
-            backends[bname] = {
-                "hour": round(hour.get(key, Spend()).cost, 6),
-                "day": round(day.get(key, Spend()).cost, 6),
-                "total": round(t.cost, 6),
-                "requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
-            }
+            backends[bname] = _spend_entry(hour.get(key, Spend()), day.get(key, Spend()), total.get(key, Spend()))
         pools[pname] = {
             "hour": round(sum(b["hour"] for b in backends.values()), 6),
             "day": round(sum(b["day"] for b in backends.values()), 6),
             "budget": [w.as_dict() for w in verdict.windows.get(pname, ())],
             "action": verdict.action(pname),
             "backends": backends,
+            "models": {label: _spend_entry(*sums) for label, sums in sorted(models.get(pname, {}).items())},
         }
     return {"currency_note": "prices as configured per 1k tokens", "pools": pools}
+
+
+def _spend_entry(hour: Spend, day: Spend, total: Spend) -> dict[str, Any]:
+    return {
+        "hour": round(hour.cost, 6),
+        "day": round(day.cost, 6),
+        "total": round(total.cost, 6),
+        "requests": total.requests, "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+    }

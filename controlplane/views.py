@@ -56,9 +56,13 @@ class SpendView(Protocol):
 
     def since(self, start: float) -> dict[tuple[str, str], Spend]: ...
 
+    def by_model(self, start: float | None = None) -> dict[tuple[str, str], Spend]:
+        """Per (pool, model): all time when `start` is None, else from the hour holding `start` on."""
+        ...
+
     @property
     def pending(self) -> int:
-        """(hour, pool, backend) rows not yet written to the ledger."""
+        """(hour, pool, backend, model) rows not yet written to the ledger."""
         ...
 
 

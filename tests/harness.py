@@ -255,8 +255,8 @@ class StandaloneEnvoy:
         self._log.close()
 
 
-def chat_body(stream: bool = False) -> bytes:
-    return json.dumps({"model": "mock-model", "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).encode()
+def chat_body(stream: bool = False, model: str = "mock-model") -> bytes:
+    return json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).encode()
 
 
 def spread(listener: str, total: int, clients: int = 8, path: str = "/v1/chat/completions") -> tuple[Counter[str], Counter[int]]:
@@ -295,8 +295,10 @@ def spread(listener: str, total: int, clients: int = 8, path: str = "/v1/chat/co
 class Load:
     """`clients` keep-alive clients sending completions until stopped; every outcome is counted."""
 
-    def __init__(self, listener: str, clients: int = 20, max_seconds: float = 60.0, timeout: float = 30.0):
+    def __init__(self, listener: str, clients: int = 20, max_seconds: float = 60.0, timeout: float = 30.0,
+                 model: str = "mock-model"):
         self.listener = listener
+        self.body = chat_body(model=model)
         self.max_seconds = max_seconds
         self.timeout = timeout
         self.backends: Counter[str] = Counter()
@@ -333,7 +335,7 @@ class Load:
         conn = http.client.HTTPConnection(self.listener, timeout=self.timeout)
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                conn.request("POST", "/v1/chat/completions", body=chat_body(), headers={"content-type": "application/json"})
+                conn.request("POST", "/v1/chat/completions", body=self.body, headers={"content-type": "application/json"})
                 resp = conn.getresponse()
                 body = resp.read()
                 with self._lock:

@@ -6,7 +6,15 @@ import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
-from controlplane.telemetry.accesslog import CHARS_PER_TOKEN, USAGE_NS, parse
+from controlplane.telemetry.accesslog import (
+    CHARS_PER_TOKEN,
+    MAX_MODEL_CHARS,
+    MODEL_HEADER,
+    MODEL_TAG,
+    USAGE_NS,
+    Observation,
+    parse,
+)
 
 
 def entry(
@@ -23,6 +31,8 @@ def entry(
     quality: str | None = None,
     request_id: str = "req-1",
     pool: str = "chat",
+    requested_model: str | None = None,
+    served_model: str | None = None,
 ) -> accesslog_pb2.HTTPAccessLogEntry:
     e = accesslog_pb2.HTTPAccessLogEntry()
     c = e.common_properties
@@ -49,6 +59,10 @@ def entry(
     e.response.response_body_bytes = response_bytes
     if quality is not None:
         e.response.response_headers["x-quality-score"] = quality
+    if requested_model is not None:
+        e.request.request_headers[MODEL_HEADER] = requested_model
+    if served_model is not None:
+        c.custom_tags[MODEL_TAG] = served_model
     return e
 
 
@@ -166,3 +180,41 @@ def test_implausible_usage_counts_are_estimated_not_trusted(reported: object, co
     else:
         assert obs.completion_tokens == counted and not obs.usage_estimated
     assert obs.prompt_tokens == 10
+
+
+# -- the model ------------------------------------------------------------------------------------------
+
+def test_names_envoy_is_configured_with() -> None:
+    assert (MODEL_HEADER, MODEL_TAG, MAX_MODEL_CHARS) == ("x-llm-model", "model", 256)
+    assert Observation._fields[-2:] == ("requested_model", "model")
+
+
+@pytest.mark.parametrize(
+    ("requested", "served", "want_requested", "want_model"),
+    [
+        pytest.param("gpt-4o", None, "gpt-4o", "gpt-4o", id="served-falls-back-to-requested"),
+        pytest.param("gpt-4o", "", "gpt-4o", "gpt-4o", id="empty-tag-falls-back"),
+        pytest.param("gpt-4o", "llama-3-70b", "gpt-4o", "llama-3-70b", id="backend-own-name"),
+        pytest.param(None, "llama-3-70b", "", "llama-3-70b", id="no-header-backend-name"),
+        pytest.param(None, None, "", "", id="neither"),
+        pytest.param("", None, "", "", id="empty-header"),
+    ],
+)
+def test_requested_and_served_model(requested: str | None, served: str | None, want_requested: str,
+                                    want_model: str) -> None:
+    obs = parse(entry(requested_model=requested, served_model=served, usage={"prompt_tokens": 1,
+                                                                              "completion_tokens": 2}))
+    assert (obs.requested_model, obs.model) == (want_requested, want_model)
+    assert (obs.backend, obs.prompt_tokens, obs.completion_tokens) == ("a", 1, 2), "the rest is unchanged"
+
+
+def test_model_names_are_bounded() -> None:
+    obs = parse(entry(requested_model="m" * 300))
+    assert obs.requested_model == "m" * 256 and obs.model == "m" * 256
+    obs = parse(entry(requested_model="x" * 300, served_model="s" * 1000))
+    assert obs.requested_model == "x" * 256 and obs.model == "s" * 256
+
+
+def test_model_is_read_even_when_envoy_answered_itself() -> None:
+    obs = parse(entry(status=429, upstream=False, requested_model="gpt-4o"))
+    assert obs.backend == "" and obs.requested_model == "gpt-4o" and obs.model == "gpt-4o"

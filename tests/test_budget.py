@@ -110,7 +110,7 @@ def controller(book: SpendBook) -> tuple[BudgetController, Sent]:
 
 def test_a_restart_does_not_repeat_alerts() -> None:
     book = SpendBook()
-    book.add(T0 + 1, "chat", "a", 10, 10, 6.0)
+    book.add(T0 + 1, "chat", "a", "", 10, 10, 6.0)
     ctl, sent = controller(book)
     assert ctl.check(T0 + 2) is False
     assert [d["threshold"] for _, d in sent.alerts] == [0.5]
@@ -120,7 +120,7 @@ def test_a_restart_does_not_repeat_alerts() -> None:
     restarted.check(T0 + 3, send=False)  # what App does before serving
     restarted.check(T0 + 4)
     assert sent_after.alerts == []
-    book.add(T0 + 5, "chat", "a", 10, 10, 5.0)
+    book.add(T0 + 5, "chat", "a", "", 10, 10, 5.0)
     assert restarted.check(T0 + 6) is True, "exhausted with on_exhausted: reject changes what Envoy does"
     assert [(k, d["threshold"]) for k, d in sent_after.alerts] == [("budget_exhausted", 1.0)]
     assert "chat" in restarted.verdict.rejected

@@ -218,7 +218,59 @@ def test_load_config_names_unreadable_file(tmp_path):
 
 def test_duplicate_prefix_is_refused():
     text = MINIMAL + '  other:\n    backends:\n      b: {url: "http://127.0.0.1:9002"}\n'
-    assert any("match.prefix '/'" in e and "already used by pool 'chat'" in e for e in errors_of(text))
+    assert any("pools 'chat' and 'other' both have match.prefix '/'" in e for e in errors_of(text))
+
+
+MODEL_POOLS = """
+pools:
+  fast:
+    match: {prefix: /v1/, models: [gpt-4o-mini, fast]}
+    backends: {a: {url: "http://127.0.0.1:9001", model: gpt-4o-mini-2024-07-18}}
+  smart:
+    match: {prefix: /v1/, models: [gpt-4o, "*"]}
+    backends: {b: {url: "http://127.0.0.1:9002"}}
+  embeddings:
+    match: {prefix: /v1/embeddings}
+    backends: {c: {url: "http://127.0.0.1:9003"}}
+"""
+
+
+def test_model_pools_share_a_prefix_and_list_their_models():
+    config = parse_config(MODEL_POOLS, env={})
+    assert config.routes_by_model
+    assert config.served_models() == {"gpt-4o-mini": "fast", "fast": "fast", "gpt-4o": "smart"}
+    assert config.pools["smart"].match.default and not config.pools["fast"].match.default
+    assert config.pools["fast"].backends["a"].model == "gpt-4o-mini-2024-07-18"
+    assert not parse_config(MINIMAL, env={}).routes_by_model
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("models: [gpt-4o, \"*\"]", "models: [gpt-4o, fast]"),
+     "pools 'fast' (prefix '/v1/') and 'smart' (prefix '/v1/') both serve model 'fast'"),
+    (("prefix: /v1/embeddings}", "prefix: /v1/embeddings, models: ['*']}"),
+     "pools 'embeddings', 'smart' all list '*' in match.models"),
+    (("match: {prefix: /v1/, models: [gpt-4o-mini, fast]}", "match: {prefix: /v1/}"),
+     "pools 'fast' and 'smart' both have match.prefix '/v1/'"),
+    (("model: gpt-4o-mini-2024-07-18", "model: 'gpt 4o'"),
+     "pool 'fast', backend 'a', field 'model': 'gpt 4o' is not a model name"),
+    (("models: [gpt-4o-mini, fast]", "models: [gpt-4o-mini, 4]"),
+     "field 'match.models.1': a model name must be a string"),
+    (("models: [gpt-4o-mini, fast]", "models: [fast, fast]"), "models lists fast more than once"),
+    (("models: [gpt-4o-mini, fast]", "models: []"), "field 'match.models'"),
+])
+def test_model_routing_mistakes_name_the_pools(change, expected):
+    text = MODEL_POOLS.replace(*change)
+    assert text != MODEL_POOLS
+    errors = errors_of(text)
+    assert any(expected in e for e in errors), errors
+
+
+def test_same_model_under_covering_prefixes_is_refused_and_disjoint_prefixes_are_fine():
+    text = MODEL_POOLS.replace("prefix: /v1/embeddings}", "prefix: /v1/embeddings, models: [fast]}")
+    assert any("'embeddings' (prefix '/v1/embeddings') and 'fast' (prefix '/v1/') both serve model 'fast'" in e
+               for e in errors_of(text))
+    disjoint = MODEL_POOLS.replace("prefix: /v1/, models: [gpt-4o-mini, fast]", "prefix: /v2/, models: [gpt-4o]")
+    assert parse_config(disjoint, env={}).served_models()["gpt-4o"] == "smart"
 
 
 def test_per_try_timeout_must_be_shorter_than_the_request_timeout():

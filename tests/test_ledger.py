@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -62,6 +63,108 @@ def test_spend_survives_close_and_reopen(tmp_path: Path) -> None:
     finally:
         second.close()
     assert path.exists()
+
+
+def test_spend_per_model_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "spend.sqlite"
+    first = SqliteLedger(path)
+    first.record(T0, "chat", "a", 10, 20, 0.3, model="gpt-4o")
+    first.record(T0 + 1, "chat", "a", 1, 2, 0.1, model="gpt-4o-mini")
+    first.record(T0 + 2, "chat", "a", 5, 5, 0.5, model="gpt-4o")
+    first.record(T0 + 3, "chat", "b", 1, 1, 0.01)  # no model
+    first.close()
+    second = SqliteLedger(path)
+    try:
+        assert second.spend_per_model(T0) == {
+            ("chat", "a", "gpt-4o"): Spend(2, 15, 25, pytest.approx(0.8)),
+            ("chat", "a", "gpt-4o-mini"): Spend(1, 1, 2, pytest.approx(0.1)),
+            ("chat", "b", ""): Spend(1, 1, 1, pytest.approx(0.01)),
+        }
+        assert second.spend(T0) == {("chat", "a"): Spend(3, 16, 27, pytest.approx(0.9)),
+                                    ("chat", "b"): Spend(1, 1, 1, pytest.approx(0.01))}, "summed over models"
+        assert sorted(second.hours(T0)) == [
+            (int(T0 // HOUR), "chat", "a", "gpt-4o", 2, 15, 25, pytest.approx(0.8)),
+            (int(T0 // HOUR), "chat", "a", "gpt-4o-mini", 1, 1, 2, pytest.approx(0.1)),
+            (int(T0 // HOUR), "chat", "b", "", 1, 1, 1, pytest.approx(0.01)),
+        ]
+        assert second.spend_per_model(T0 + HOUR) == {}
+    finally:
+        second.close()
+
+
+OLD_SCHEMA = """CREATE TABLE spend (
+    hour INTEGER NOT NULL, pool TEXT NOT NULL, backend TEXT NOT NULL,
+    requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost REAL NOT NULL,
+    PRIMARY KEY (hour, pool, backend))"""
+
+
+def old_ledger(path: Path, rows: list[tuple]) -> None:
+    """A ledger file as written before spend had a model."""
+    db = sqlite3.connect(str(path))
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(OLD_SCHEMA)
+    db.executemany("INSERT INTO spend VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+
+
+def test_a_ledger_without_models_is_migrated_keeping_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    h = int(T0 // HOUR)
+    old_rows = [(h - 100, "chat", "a", 5, 50, 60, 5.0), (h, "chat", "a", 2, 20, 30, 2.0),
+                (h, "chat", "b", 1, 1, 1, 0.5), (h, "embed", "a", 3, 9, 0, 0.25)]
+    old_ledger(path, old_rows)
+    ledger = SqliteLedger(path)
+    try:
+        assert sorted(ledger.hours(0)) == sorted((r[0], r[1], r[2], "", *r[3:]) for r in old_rows), "nothing lost"
+        assert ledger.spend(0)[("chat", "a")] == Spend(7, 70, 90, 7.0)
+        ledger.record(T0 + 1, "chat", "a", 10, 10, 1.0, model="gpt-4o")  # a new row next to the migrated one
+        ledger.record(T0 + 2, "chat", "a", 1, 1, 0.5)  # adds to the migrated row (model '')
+        assert ledger.spend_per_model(T0) == {
+            ("chat", "a", ""): Spend(3, 21, 31, 2.5),
+            ("chat", "a", "gpt-4o"): Spend(1, 10, 10, 1.0),
+            ("chat", "b", ""): Spend(1, 1, 1, 0.5),
+            ("embed", "a", ""): Spend(3, 9, 0, 0.25),
+        }
+    finally:
+        ledger.close()
+    check = sqlite3.connect(str(path))
+    try:
+        columns = [row[1] for row in check.execute("PRAGMA table_info(spend)")]
+        key = [row[1] for row in sorted(check.execute("PRAGMA table_info(spend)"), key=lambda r: r[5]) if row[5]]
+        tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        check.close()
+    assert "model" in columns and key == ["hour", "pool", "backend", "model"]
+    assert tables == {"spend"}, "no table left over from the migration"
+    again = SqliteLedger(path)  # opening a migrated file changes nothing
+    try:
+        assert again.spend(0)[("chat", "a")] == Spend(9, 81, 101, 8.5)
+    finally:
+        again.close()
+
+
+def test_a_failed_migration_leaves_the_old_ledger_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    old_ledger(path, [(int(T0 // HOUR), "chat", "a", 2, 20, 30, 2.0)])
+    monkeypatch.setattr("controlplane.scoring.ledger._COLUMNS", "hour, pool, backend, model, nope")
+    with pytest.raises(sqlite3.OperationalError):
+        SqliteLedger(path)
+    check = sqlite3.connect(str(path))
+    try:
+        assert [row[1] for row in check.execute("PRAGMA table_info(spend)")] == [
+            "hour", "pool", "backend", "requests", "prompt_tokens", "completion_tokens", "cost"]
+        assert check.execute("SELECT * FROM spend").fetchall() == [(int(T0 // HOUR), "chat", "a", 2, 20, 30, 2.0)]
+        assert [r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == ["spend"]
+    finally:
+        check.close()
+    monkeypatch.undo()
+    ledger = SqliteLedger(path)  # and the next start migrates it
+    try:
+        assert ledger.spend_per_model(0) == {("chat", "a", ""): Spend(2, 20, 30, 2.0)}
+    finally:
+        ledger.close()
 
 
 def test_spend_sum() -> None:

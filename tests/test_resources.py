@@ -138,8 +138,13 @@ def test_routes_longest_prefix_first_with_timeout_host_rewrite_and_retry():
     _, res = built()
     route = res[typeurls.ROUTE][resources.ROUTE_NAME]
     routes = route.virtual_hosts[0].routes
-    assert [r.match.prefix for r in routes] == ["/v1/rag/", "/v1/"]
-    chat = routes[1].route
+    # Each pool: its streamed twin (x-llm-stream: true, with the usage scanner), then the plain route.
+    assert [(r.name, r.match.prefix) for r in routes] == [
+        ("rag/stream", "/v1/rag/"), ("rag", "/v1/rag/"), ("chat/stream", "/v1/"), ("chat", "/v1/")]
+    assert [h.name for h in routes[2].match.headers] == [resources.STREAM_HEADER]
+    assert resources.USAGE_FILTER in routes[2].typed_per_filter_config
+    assert not routes[3].match.headers and not routes[3].typed_per_filter_config
+    chat = routes[3].route
     assert chat.cluster == "chat" and chat.timeout.seconds == 45 and chat.auto_host_rewrite.value
     assert "connect-failure" in chat.retry_policy.retry_on
     assert chat.retry_policy.retry_host_predicate[0].name == "envoy.retry_host_predicates.previous_hosts"
@@ -153,8 +158,17 @@ def test_listener_uses_rds_over_ads_on_configured_address():
     manager = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     assert manager.rds.route_config_name == resources.ROUTE_NAME and manager.rds.config_source.HasField("ads")
-    assert manager.http_filters[-1].name == "envoy.filters.http.router"
+    assert [f.name for f in manager.http_filters] == [
+        "llm_lb.request_fields", "llm_lb.json_usage", resources.USAGE_FILTER, "envoy.filters.http.router"]
     assert manager.always_set_request_id_in_response
+    # The usage scanner has no default code: only routes that name it run Lua.
+    from envoy.extensions.filters.http.lua.v3 import lua_pb2
+
+    lua = lua_pb2.Lua()
+    manager.http_filters[2].typed_config.Unpack(lua)
+    assert not lua.HasField("default_source_code") and resources.USAGE_SOURCE in lua.source_codes
+    stripped = as_dict(manager.early_header_mutation_extensions[0].typed_config)
+    assert {m["remove"] for m in stripped["mutations"]} == {"x-llm-model", "x-llm-stream", "x-llm-lb-model"}
 
 
 def test_builders_are_deterministic_and_weight_change_touches_only_eds():
@@ -289,3 +303,134 @@ def test_tls_to_an_ip_checks_the_ip_san_and_sends_no_sni():
     tls = resources.upstream_tls("/ca.pem", "203.0.113.9")
     (san,) = tls.common_tls_context.validation_context.match_typed_subject_alt_names
     assert tls.sni == "" and san.san_type == san.IP_ADDRESS and san.matcher.exact == "203.0.113.9"
+
+
+MODELS = """
+envoy:
+  listener: {per_connection_buffer_limit_kb: 2048}
+pools:
+  fast:
+    match: {prefix: /v1/, models: [gpt-4o-mini, fast]}
+    backends:
+      a: {url: "http://127.0.0.1:9001", model: gpt-4o-mini-2024-07-18}
+      b: {url: "http://127.0.0.1:9002"}
+      c: {url: "http://127.0.0.1:9003", priority: 1, model: small}
+  smart:
+    match: {prefix: /v1/chat/, models: [gpt-4o, "*"]}
+    backends: {s: {url: "http://127.0.0.1:9004"}}
+  embeddings:
+    match: {prefix: /v1/embeddings}
+    backends: {e: {url: "http://127.0.0.1:9005"}}
+"""
+
+
+def model_routes(rejected=None):
+    config = parse_config(MODELS, env={})
+    return config, list(resources.route_configuration(config, rejected).virtual_hosts[0].routes)
+
+
+def describe(route) -> tuple[str, str, str]:
+    """(name, prefix or path, what it does) with its header matches."""
+    headers = ",".join(
+        f"{h.name}={h.string_match.exact}" if h.HasField("string_match") else f"{h.name}?" for h in route.match.headers)
+    where = route.match.prefix or route.match.path
+    does = route.route.cluster if route.HasField("route") else str(route.direct_response.status)
+    return route.name, f"{where}[{headers}]", does
+
+
+def test_model_routes_longest_prefix_first_with_covering_models_then_404_and_400():
+    _, routes = model_routes()
+    table = [describe(r) for r in routes if not r.name.startswith("models")]
+    assert table == [
+        ("embeddings/stream", "/v1/embeddings[x-llm-stream=true]", "embeddings"),
+        ("embeddings", "/v1/embeddings[]", "embeddings"),
+        # /v1/chat/: its own model, the covering /v1/ pool's models, then its '*' default, then errors.
+        ("smart/stream", "/v1/chat/[x-llm-model=gpt-4o,x-llm-stream=true]", "smart"),
+        ("smart", "/v1/chat/[x-llm-model=gpt-4o]", "smart"),
+        ("fast/stream", "/v1/chat/[x-llm-model=gpt-4o-mini,x-llm-stream=true]", "fast"),
+        ("fast", "/v1/chat/[x-llm-model=gpt-4o-mini]", "fast"),
+        ("fast/stream", "/v1/chat/[x-llm-model=fast,x-llm-stream=true]", "fast"),
+        ("fast", "/v1/chat/[x-llm-model=fast]", "fast"),
+        ("smart/stream", "/v1/chat/[x-llm-model?,x-llm-stream=true]", "smart"),
+        ("smart", "/v1/chat/[x-llm-model?]", "smart"),
+        ("unknown-model:/v1/chat/", "/v1/chat/[x-llm-model?]", "404"),
+        ("no-model:/v1/chat/", "/v1/chat/[]", "400"),
+        # /v1/: only its own models; the longer prefix's '*' does not cover it.
+        ("fast/stream", "/v1/[x-llm-model=gpt-4o-mini,x-llm-stream=true]", "fast"),
+        ("fast", "/v1/[x-llm-model=gpt-4o-mini]", "fast"),
+        ("fast/stream", "/v1/[x-llm-model=fast,x-llm-stream=true]", "fast"),
+        ("fast", "/v1/[x-llm-model=fast]", "fast"),
+        ("unknown-model:/v1/", "/v1/[x-llm-model?]", "404"),
+        ("no-model:/v1/", "/v1/[]", "400"),
+    ]
+    unknown = next(r for r in routes if r.name == "unknown-model:/v1/")
+    error = as_dict(unknown.direct_response.body_format)["json_format"]["error"]
+    assert error["code"] == "model_not_found" and "%REQ(x-llm-model)%" in error["message"]
+    assert "fast, gpt-4o-mini" in error["message"] and "gpt-4o," not in error["message"]
+
+
+def test_models_endpoint_lists_every_served_name_in_openai_format():
+    import json
+
+    _, routes = model_routes()
+    listing = next(r for r in routes if r.name == "models")
+    assert listing.match.path == "/v1/models" and listing.match.headers[0].name == ":method"
+    body = json.loads(listing.direct_response.body.inline_string)
+    assert body["object"] == "list"
+    assert {m["id"]: m["owned_by"] for m in body["data"]} == {
+        "fast": "fast", "gpt-4o-mini": "fast", "gpt-4o": "smart"}
+    one = next(r for r in routes if r.name == "models/gpt-4o")
+    assert json.loads(one.direct_response.body.inline_string)["id"] == "gpt-4o"
+    assert next(r for r in routes if r.name == "models/unknown").direct_response.status == 404
+    # Without model routing, /v1/models goes to the backends as before.
+    plain = parse_config(RESILIENT, env={})
+    assert not [r for r in resources.route_configuration(plain).virtual_hosts[0].routes if r.name.startswith("models")]
+
+
+def test_a_rejected_pool_answers_429_on_each_of_its_model_routes():
+    _, routes = model_routes({"fast": "hourly budget exhausted"})
+    fast = [r for r in routes if r.name == "fast"]
+    assert fast and all(r.direct_response.status == 429 for r in fast)
+    assert not [r for r in routes if r.name == "fast/stream"]
+    assert all(r.HasField("route") for r in routes if r.name == "smart")
+
+
+def test_model_rewrite_only_where_a_backend_has_its_own_name():
+    config, _ = model_routes()
+    fast = resources.cluster("fast", config.pools["fast"], config)
+    names = [f.name for f in protocol_options(fast).http_filters]
+    assert names == ["llm_lb.model_name", "llm_lb.model_rewrite", "envoy.filters.http.upstream_codec"]
+    assert fast.per_connection_buffer_limit_bytes.value == 2048 * 1024
+    smart = resources.cluster("smart", config.pools["smart"], config)
+    assert [f.name for f in protocol_options(smart).http_filters] == ["envoy.filters.http.upstream_codec"]
+    assert not smart.HasField("per_connection_buffer_limit_bytes")
+    cla = resources.load_assignment("fast", config.pools["fast"], {}, ADDRESSES)
+    meta = {e.metadata.filter_metadata["llm_lb"]["backend"]: dict(e.metadata.filter_metadata["llm_lb"])
+            for loc in cla.endpoints for e in loc.lb_endpoints}
+    assert meta["a"]["model"] == "gpt-4o-mini-2024-07-18" and meta["c"]["model"] == "small"
+    assert "model" not in meta["b"]
+
+
+def test_retries_honour_short_retry_after_and_leave_an_exhausted_tier():
+    config, routes = model_routes()
+    policy = next(r for r in routes if r.name == "fast").route.retry_policy
+    backoff = policy.rate_limited_retry_back_off
+    assert [(h.name, h.format) for h in backoff.reset_headers] == [
+        ("retry-after", policy.SECONDS), ("x-ratelimit-reset", policy.UNIX_TIMESTAMP)]
+    assert backoff.max_interval.seconds == 1
+    assert policy.retry_priority.name == "envoy.retry_priorities.previous_priorities"
+    assert as_dict(policy.retry_priority.typed_config)["update_frequency"] == 2  # two tier-0 hosts
+    single_tier = next(r for r in routes if r.name == "smart").route.retry_policy
+    assert not single_tier.HasField("retry_priority")
+
+
+def test_access_log_carries_requested_and_served_model():
+    config, _ = model_routes()
+    manager = hcm_pb2.HttpConnectionManager()
+    resources.listener(config).filter_chains[0].filters[0].typed_config.Unpack(manager)
+    als = as_dict(manager.access_log[0].typed_config)
+    assert als["additional_request_headers_to_log"] == ["x-llm-model"]
+    tags = {t["tag"]: t["metadata"]["metadata_key"]["path"][0]["key"] for t in als["common_config"]["custom_tags"]}
+    assert tags == {"backend": "backend", "model": "model"}
+    mapper = as_dict(manager.local_reply_config.mappers[0])
+    assert "2048 KiB" in mapper["body_format_override"]["json_format"]["error"]["message"]

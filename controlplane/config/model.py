@@ -57,6 +57,27 @@ def parse_duration(value: Any) -> timedelta:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")]
+# A model name as apps send it and providers spell it (`gpt-4o-mini`, `meta-llama/Llama-3-8B`,
+# `claude-3-5-sonnet@20240620`). No quotes, spaces or backslashes: Envoy matches it in headers
+# and rewrites it in JSON bodies, where those would need escaping.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+-]{0,127}")
+DEFAULT_MODEL = "*"  # in `match.models`: this pool takes every model no other pool names
+
+
+def _model_name(value: Any, allow_default: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a model name must be a string (quote it if YAML reads it as a number)")
+    if allow_default and value == DEFAULT_MODEL:
+        return value
+    if not _MODEL_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a model name: up to 128 letters, digits and _ . : / @ + -, "
+            "starting with a letter or digit" + (" (or '*' for every other model)" if allow_default else ""))
+    return value
+
+
+ModelName = Annotated[str, BeforeValidator(_model_name)]
+ModelMatch = Annotated[str, BeforeValidator(lambda v: _model_name(v, allow_default=True))]
 
 
 class _Model(BaseModel):
@@ -87,7 +108,9 @@ class ListenerSettings(Address):
     max_connections: int = Field(10000, ge=1)  # across all listeners (overload manager)
     max_request_headers_kb: int = Field(60, ge=1, le=8192)
     max_headers_count: int = Field(100, ge=1)
-    per_connection_buffer_limit_kb: int = Field(1024, ge=1)
+    # The largest request body Envoy reads to route by model (bigger: 413), and the largest
+    # non-streamed JSON answer it reads usage from. 16 MiB holds a chat request with images.
+    per_connection_buffer_limit_kb: int = Field(16384, ge=64, le=1048576)
     request_headers_timeout: Duration = timedelta(seconds=10)
     idle_timeout: Duration = timedelta(minutes=5)
 
@@ -122,14 +145,42 @@ class ControlPlaneSettings(_Model):
 
 
 class Match(_Model):
+    """Which requests a pool takes: a path prefix, and optionally the models the JSON body names.
+
+    With `models`, Envoy reads the body's `model` and only those names (or, for
+    `"*"`, every name no other pool serves) reach the pool; a request naming no
+    model, or one nobody serves, is answered by Envoy with 400 or 404.
+    """
+
     prefix: str = "/"
+    models: list[ModelMatch] | None = Field(None, min_length=1)
 
     @field_validator("prefix")
     @classmethod
     def _slash(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError("prefix must start with '/'")
+        if any(c in value for c in "?#") or any(ord(c) < 0x21 for c in value):
+            raise ValueError("prefix must be a plain path (no spaces, '?' or '#')")
         return value
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            repeated = sorted({m for m in value if value.count(m) > 1})
+            if repeated:
+                raise ValueError(f"models lists {', '.join(repeated)} more than once")
+        return value
+
+    @property
+    def default(self) -> bool:
+        return self.models is not None and DEFAULT_MODEL in self.models
+
+    @property
+    def named_models(self) -> list[str]:
+        """The exact names this pool serves (without `*`)."""
+        return [m for m in self.models or () if m != DEFAULT_MODEL]
 
 
 class HealthCheck(_Model):
@@ -201,6 +252,9 @@ DEFAULT_RETRY_ON: tuple[RetryOn, ...] = ("5xx", "reset", "connect-failure", "ref
 class Backoff(_Model):
     base_interval: Duration = timedelta(milliseconds=25)
     max_interval: Duration = timedelta(milliseconds=250)
+    # A 429's Retry-After / x-ratelimit-reset up to this long is waited before the retry (which goes
+    # to another backend); a longer one is ignored and the back-off above applies.
+    max_rate_limited_interval: Duration = timedelta(seconds=1)
 
 
 class Retry(_Model):
@@ -272,6 +326,8 @@ class Backend(_Model):
     quality: float = Field(0.5, ge=0, le=1)
     expected_latency_ms: float | None = Field(None, gt=0)
     max_requests_per_minute: int | None = Field(None, ge=1)
+    # The model name this backend expects; Envoy rewrites the body's `model` to it for this backend only.
+    model: ModelName | None = None
 
     @field_validator("url")
     @classmethod
@@ -357,17 +413,18 @@ class Config(_Model):
             if other and _overlap(other[1], addr.address):
                 problems.append(f"port {addr.port} of {label} is also used by {other[0]}")
             seen.setdefault(addr.port, (label, addr.address))
-        prefixes: dict[str, str] = {}
-        for name, pool in self.pools.items():
-            if pool.match.prefix in prefixes:
-                problems.append(
-                    f"pool {name!r} has match.prefix {pool.match.prefix!r}, "
-                    f"already used by pool {prefixes[pool.match.prefix]!r}"
-                )
-            prefixes.setdefault(pool.match.prefix, name)
+        problems += _routing_conflicts(self.pools)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def routes_by_model(self) -> bool:
+        return any(pool.match.models is not None for pool in self.pools.values())
+
+    def served_models(self) -> dict[str, str]:
+        """Every model name apps may send, and the pool serving it (what `/v1/models` lists)."""
+        return {m: name for name, pool in sorted(self.pools.items()) for m in pool.match.named_models}
 
     def listen_addresses(self) -> dict[str, Address]:
         return {
@@ -376,6 +433,35 @@ class Config(_Model):
             "controlplane.xds": self.controlplane.xds,
             "controlplane.api": self.controlplane.api,
         }
+
+
+def _routing_conflicts(pools: dict[str, Pool]) -> list[str]:
+    """Two pools must never both claim a request: same prefix without models, or the same model
+    (or both `*`) where one pool's prefix covers the other's."""
+    problems: list[str] = []
+    items = sorted(pools.items())
+    defaults = [name for name, pool in items if pool.match.default]
+    if len(defaults) > 1:
+        problems.append(f"pools {', '.join(map(repr, defaults))} all list '*' in match.models; "
+                        "one pool at most may take the models no pool names")
+    for i, (a, pa) in enumerate(items):
+        for b, pb in items[i + 1:]:
+            ma, mb = pa.match, pb.match
+            if ma.prefix == mb.prefix and (ma.models is None or mb.models is None):
+                problems.append(
+                    f"pools {a!r} and {b!r} both have match.prefix {ma.prefix!r}; give each its "
+                    "match.models (one may list '*' for the rest) or different prefixes")
+                continue
+            if ma.models is None or mb.models is None:
+                continue  # a longer prefix without models simply wins its paths
+            if not (ma.prefix.startswith(mb.prefix) or mb.prefix.startswith(ma.prefix)):
+                continue
+            both = sorted(set(ma.named_models) & set(mb.named_models))
+            if both:
+                problems.append(
+                    f"pools {a!r} (prefix {ma.prefix!r}) and {b!r} (prefix {mb.prefix!r}) both serve "
+                    f"model {', '.join(map(repr, both))}: a model may be served by one pool per path")
+    return problems
 
 
 def _overlap(a: str, b: str) -> bool:

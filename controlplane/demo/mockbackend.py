@@ -28,7 +28,7 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 HEALTH = {"healthy": ("ok", 200), "degraded": ("degraded", 200), "unhealthy": ("down", 503)}
-MAX_BODY = 8 * 1024 * 1024
+MAX_BODY = 32 * 1024 * 1024  # above the listener's default 16 MiB, so Envoy's limit is the one seen
 
 
 class InvalidInputError(ValueError):
@@ -113,6 +113,7 @@ class MockServer(ThreadingHTTPServer):
         self.stats = dict.fromkeys(
             ("requests", "completions", "errors", "in_flight", "prompt_tokens", "completion_tokens"), 0
         )
+        self.models: dict[str, int] = {}  # the `model` of each chat request, as this backend received it
         super().__init__((host, port), MockHandler)
         if settings.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -258,7 +259,7 @@ class MockHandler(BaseHTTPRequestHandler):
 
     def _stats(self, _body: bytes) -> None:
         with self.server.lock:
-            stats = {"name": self.server.settings.name, **self.server.stats}
+            stats = {"name": self.server.settings.name, **self.server.stats, "models": dict(self.server.models)}
         self._json(200, stats)
 
     def _chat(self, body: bytes) -> None:
@@ -268,6 +269,9 @@ class MockHandler(BaseHTTPRequestHandler):
             return self._json(400, error_body(str(exc)))
         s = self.server.snapshot()
         with self.server.lock:
+            model = str(req.get("model", ""))[:128]
+            if model in self.server.models or len(self.server.models) < 100:
+                self.server.models[model] = self.server.models.get(model, 0) + 1
             failed = s.error_rate > 0 and self.server.rng.random() < s.error_rate
             jitter = self.server.rng.uniform(0, s.latency_jitter_ms) if s.latency_jitter_ms else 0.0
             self.server.counter += 1
@@ -388,7 +392,7 @@ class MockBackend:
 
     def stats(self) -> dict[str, Any]:
         with self.server.lock:
-            return {"name": self.server.settings.name, **self.server.stats}
+            return {"name": self.server.settings.name, **self.server.stats, "models": dict(self.server.models)}
 
     def __enter__(self) -> Self:
         return self.start()

@@ -1,4 +1,4 @@
-"""The spend ledger: tokens and money per pool, backend and hour.
+"""The spend ledger: tokens and money per pool, backend, model and hour.
 
 Two halves. `SpendBook` is the live, in-memory side: every access-log entry
 is added to it (a few dict operations), and `/metrics`, `/v1/cost` and the
@@ -7,10 +7,14 @@ small interface (SQLite from the stdlib by default; PostgreSQL can stand
 behind the same methods when one machine is outgrown). The book hands the
 ledger what changed since the last flush as one batch, written in one
 transaction off the event loop, so a crash loses at most one flush interval.
+
+The model is the served one ("" when neither the request nor the backend
+named one). Spend read per (pool, backend) sums over the models.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -20,8 +24,12 @@ from typing import Any, Protocol
 
 from .budget import HOUR
 
+log = logging.getLogger("controlplane.ledger")
+
 Key = tuple[str, str]  # pool, backend
-Row = tuple[int, str, str, int, int, int, float]  # hour, pool, backend, requests, prompt, completion, cost
+ModelKey = tuple[str, str]  # pool, model
+FullKey = tuple[str, str, str]  # pool, backend, model
+Row = tuple[int, str, str, str, int, int, int, float]  # hour, pool, backend, model, requests, prompt, completion, cost
 KEEP_HOURS = 48  # hour buckets held in memory: today's and yesterday's, for day windows across midnight
 
 
@@ -43,7 +51,11 @@ class Ledger(Protocol):
         ...
 
     def spend(self, since: float, pool: str | None = None) -> dict[Key, Spend]:
-        """Spend per (pool, backend) from the hour bucket holding `since` on."""
+        """Spend per (pool, backend), over all models, from the hour bucket holding `since` on."""
+        ...
+
+    def spend_per_model(self, since: float) -> dict[FullKey, Spend]:
+        """Spend per (pool, backend, model) from the hour bucket holding `since` on."""
         ...
 
     def hours(self, since: float) -> list[Row]:
@@ -53,8 +65,14 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
-_UPSERT = """INSERT INTO spend VALUES (?, ?, ?, ?, ?, ?, ?)
-   ON CONFLICT (hour, pool, backend) DO UPDATE SET
+_COLUMNS = "hour, pool, backend, model, requests, prompt_tokens, completion_tokens, cost"
+_CREATE = """CREATE TABLE IF NOT EXISTS {table} (
+    hour INTEGER NOT NULL, pool TEXT NOT NULL, backend TEXT NOT NULL, model TEXT NOT NULL DEFAULT '',
+    requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, cost REAL NOT NULL,
+    PRIMARY KEY (hour, pool, backend, model))"""
+_UPSERT = f"""INSERT INTO spend ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+   ON CONFLICT (hour, pool, backend, model) DO UPDATE SET
      requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
      completion_tokens = completion_tokens + excluded.completion_tokens,
      cost = cost + excluded.cost"""
@@ -66,20 +84,41 @@ class SqliteLedger:
         self.path = path
         self._lock = threading.Lock()  # the flush runs in a worker thread
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            """CREATE TABLE IF NOT EXISTS spend (
-                hour INTEGER NOT NULL, pool TEXT NOT NULL, backend TEXT NOT NULL,
-                requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
-                completion_tokens INTEGER NOT NULL, cost REAL NOT NULL,
-                PRIMARY KEY (hour, pool, backend))"""
-        )
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _schema(self) -> None:
+        """Create the table, or bring one written before spend had a model up to date: one transaction,
+        every row kept (with model ''). IMMEDIATE: a second process opening the file waits, then sees
+        the table already migrated."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(_CREATE.format(table="spend"))
+            columns = {row[1] for row in db.execute("PRAGMA table_info(spend)")}
+            if "model" not in columns:
+                db.execute("DROP TABLE IF EXISTS spend_migrating")
+                db.execute(_CREATE.format(table="spend_migrating"))
+                moved = db.execute(
+                    f"INSERT INTO spend_migrating ({_COLUMNS}) SELECT hour, pool, backend, '', requests, "
+                    "prompt_tokens, completion_tokens, cost FROM spend").rowcount
+                db.execute("DROP TABLE spend")
+                db.execute("ALTER TABLE spend_migrating RENAME TO spend")
+                log.info("ledger %s: spend rows now carry the model; %d rows kept (model '')", self.path, moved)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     def record(self, at: float, pool: str, backend: str, prompt_tokens: int, completion_tokens: int,
-               cost: float) -> None:
+               cost: float, *, model: str = "") -> None:
         """One request, written at once (tools and tests; the service writes batches)."""
-        self.add([(int(at // HOUR), pool, backend, 1, prompt_tokens, completion_tokens, cost)])
+        self.add([(int(at // HOUR), pool, backend, model, 1, prompt_tokens, completion_tokens, cost)])
 
     def add(self, rows: Iterable[Row]) -> None:
         with self._lock:
@@ -102,55 +141,77 @@ class SqliteLedger:
             rows = self._db.execute(query + " GROUP BY pool, backend", args).fetchall()
         return {(p, b): Spend(int(r), int(pt), int(ct), float(c)) for p, b, r, pt, ct, c in rows}
 
-    def hours(self, since: float) -> list[Row]:
+    def spend_per_model(self, since: float) -> dict[FullKey, Spend]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT hour, pool, backend, requests, prompt_tokens, completion_tokens, cost FROM spend "
-                "WHERE hour >= ?", (int(since // HOUR),)).fetchall()
-        return [(int(h), p, b, int(r), int(pt), int(ct), float(c)) for h, p, b, r, pt, ct, c in rows]
+                "SELECT pool, backend, model, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
+                "FROM spend WHERE hour >= ? GROUP BY pool, backend, model", (int(since // HOUR),)).fetchall()
+        return {(p, b, m): Spend(int(r), int(pt), int(ct), float(c)) for p, b, m, r, pt, ct, c in rows}
+
+    def hours(self, since: float) -> list[Row]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM spend WHERE hour >= ?", (int(since // HOUR),)).fetchall()
+        return [(int(h), p, b, m, int(r), int(pt), int(ct), float(c)) for h, p, b, m, r, pt, ct, c in rows]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
+# Model names come from clients (the body's `model`) where a pool does not route by model: past this
+# many names per pool, spend is kept under OTHER_MODEL, so a client cannot grow the book without bound.
+MAX_MODELS_PER_POOL = 64
+OTHER_MODEL = "(other)"
+
+
 class SpendBook:
-    """Live spend in memory: all-time totals, recent hour buckets, and what the ledger has not got yet.
+    """Live spend in memory: all-time totals, recent hour buckets, and what the ledger has not got yet,
+    each per (pool, backend, model); read per (pool, backend) or per (pool, model).
 
     Counters are plain lists mutated in place: this is the per-request path.
     """
 
     def __init__(self) -> None:
-        self._total: dict[Key, list[float]] = {}
-        self._hours: dict[tuple[int, str, str], list[float]] = {}
-        self._pending: dict[tuple[int, str, str], list[float]] = {}
+        self._total: dict[FullKey, list[float]] = {}
+        self._hours: dict[tuple[int, str, str, str], list[float]] = {}
+        self._pending: dict[tuple[int, str, str, str], list[float]] = {}
+        self._models: dict[str, set[str]] = {}  # per pool, the model names kept on their own
 
     @classmethod
     def load(cls, ledger: Ledger, now: float) -> SpendBook:
         """What the ledger holds, so budgets and totals carry over a restart."""
         book = cls()
-        for key, s in ledger.spend(0).items():
+        for key, s in ledger.spend_per_model(0).items():
             book._total[key] = [s.requests, s.prompt_tokens, s.completion_tokens, s.cost]
-        for hour, pool, backend, requests, prompt, completion, cost in ledger.hours(now - KEEP_HOURS * HOUR):
-            book._hours[(hour, pool, backend)] = [requests, prompt, completion, cost]
+            book._models.setdefault(key[0], set()).add(key[2])
+        for hour, pool, backend, model, requests, prompt, completion, cost in ledger.hours(now - KEEP_HOURS * HOUR):
+            book._hours[(hour, pool, backend, model)] = [requests, prompt, completion, cost]
         return book
 
-    def add(self, at: float, pool: str, backend: str, prompt_tokens: int, completion_tokens: int,
+    def add(self, at: float, pool: str, backend: str, model: str, prompt_tokens: int, completion_tokens: int,
             cost: float) -> None:
-        bucket = (int(at // HOUR), pool, backend)
-        _bump(self._total, (pool, backend), 1, prompt_tokens, completion_tokens, cost)
+        models = self._models.get(pool)
+        if models is None:
+            models = self._models[pool] = set()
+        if model not in models:
+            if len(models) >= MAX_MODELS_PER_POOL:
+                model = OTHER_MODEL
+            else:
+                models.add(model)
+        bucket = (int(at // HOUR), pool, backend, model)
+        _bump(self._total, (pool, backend, model), 1, prompt_tokens, completion_tokens, cost)
         _bump(self._hours, bucket, 1, prompt_tokens, completion_tokens, cost)
         _bump(self._pending, bucket, 1, prompt_tokens, completion_tokens, cost)
 
     def take_pending(self) -> list[Row]:
         """What changed since the last call, as ledger rows; the caller gives it back if writing fails."""
         pending, self._pending = self._pending, {}
-        return [(h, p, b, int(c[0]), int(c[1]), int(c[2]), c[3]) for (h, p, b), c in pending.items()]
+        return [(h, p, b, m, int(c[0]), int(c[1]), int(c[2]), c[3]) for (h, p, b, m), c in pending.items()]
 
     def give_back(self, rows: Iterable[Row]) -> None:
         """A failed write: merge its rows into what is pending, to be tried again."""
-        for hour, pool, backend, requests, prompt, completion, cost in rows:
-            _bump(self._pending, (hour, pool, backend), requests, prompt, completion, cost)
+        for hour, pool, backend, model, requests, prompt, completion, cost in rows:
+            _bump(self._pending, (hour, pool, backend, model), requests, prompt, completion, cost)
 
     @property
     def pending(self) -> int:
@@ -162,21 +223,39 @@ class SpendBook:
             del self._hours[bucket]
 
     def total(self) -> dict[Key, Spend]:
-        return {k: _spend(c) for k, c in self._total.items()}
+        """All time, per (pool, backend), over all models."""
+        out: dict[Key, list[float]] = {}
+        for (pool, backend, _), c in self._total.items():
+            _merge(out, (pool, backend), c)
+        return {k: _spend(c) for k, c in out.items()}
 
     def since(self, start: float) -> dict[Key, Spend]:
-        """Per (pool, backend) from the hour holding `start` on (at most KEEP_HOURS back)."""
+        """Per (pool, backend), over all models, from the hour holding `start` on (at most KEEP_HOURS back)."""
         first = int(start // HOUR)
-        out: dict[Key, Spend] = {}
-        for (hour, pool, backend), c in self._hours.items():
+        out: dict[Key, list[float]] = {}
+        for (hour, pool, backend, _), c in self._hours.items():
             if hour >= first:
-                out[(pool, backend)] = out.get((pool, backend), Spend()) + _spend(c)
-        return out
+                _merge(out, (pool, backend), c)
+        return {k: _spend(c) for k, c in out.items()}
+
+    def by_model(self, start: float | None = None) -> dict[ModelKey, Spend]:
+        """Per (pool, model), over all backends: all time when `start` is None, else from the hour
+        holding `start` on (at most KEEP_HOURS back)."""
+        out: dict[ModelKey, list[float]] = {}
+        if start is None:
+            for (pool, _, model), c in self._total.items():
+                _merge(out, (pool, model), c)
+        else:
+            first = int(start // HOUR)
+            for (hour, pool, _, model), c in self._hours.items():
+                if hour >= first:
+                    _merge(out, (pool, model), c)
+        return {k: _spend(c) for k, c in out.items()}
 
     def cost_by_hour(self) -> dict[tuple[int, str], float]:
         """Per (hour, pool): what the budgets read."""
         out: dict[tuple[int, str], float] = {}
-        for (hour, pool, _), c in self._hours.items():
+        for (hour, pool, _, _), c in self._hours.items():
             out[(hour, pool)] = out.get((hour, pool), 0.0) + c[3]
         return out
 
@@ -191,6 +270,18 @@ def _bump(table: dict[Any, list[float]], key: Any, requests: int, prompt: int, c
         c[1] += prompt
         c[2] += completion
         c[3] += cost
+
+
+def _merge(table: dict[Any, list[float]], key: Any, c: list[float]) -> None:
+    """Add counters `c` into `table[key]` (a copy: a sum never shares a list with its parts)."""
+    t = table.get(key)
+    if t is None:
+        table[key] = c.copy()
+    else:
+        t[0] += c[0]
+        t[1] += c[1]
+        t[2] += c[2]
+        t[3] += c[3]
 
 
 def _spend(c: list[float]) -> Spend:

@@ -3,6 +3,11 @@
 Token usage arrives as dynamic metadata (namespace `llm_lb.usage`) set by the
 listener's Lua filter, which reads the `usage` block of a JSON body or of the
 final SSE chunk as the body streams past, without buffering it.
+
+The model comes in two parts: the one the app asked for (the request header
+MODEL_HEADER, which Envoy logs with the request headers) and the one a backend
+serves under its own name (the custom tag MODEL_TAG, set per backend; absent
+when the backend serves the requested name).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ log = logging.getLogger("controlplane.telemetry")
 USAGE_NS = "llm_lb.usage"
 MAX_TOKENS = 10_000_000  # more than any model's context; beyond it a count is a lie or a bug
 CHARS_PER_TOKEN = 4  # for estimates when a response carries no usage block
+MODEL_HEADER = "x-llm-model"  # the requested model: Envoy logs it via additional_request_headers_to_log
+MODEL_TAG = "model"  # the served model, when the backend has a name of its own for it (a custom tag)
+MAX_MODEL_CHARS = 256  # the requested name is the client's: a bound on what it may make us keep
 
 
 class Observation(NamedTuple):
@@ -39,6 +47,8 @@ class Observation(NamedTuple):
     usage_estimated: bool
     response_flags: str
     quality_header: float | None
+    requested_model: str  # as the app asked for it; "" when the request named none
+    model: str  # as served: the backend's own name for it, else the requested one; "" when neither
 
     @property
     def ok(self) -> bool:
@@ -94,12 +104,16 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         completion = chunks if chunks is not None else response.response_body_bytes // CHARS_PER_TOKEN
     headers = response.response_headers
     raw_quality = headers.get("x-quality-score") if headers else None
+    request_headers = request.request_headers
+    requested = request_headers.get(MODEL_HEADER, "")[:MAX_MODEL_CHARS] if request_headers else ""
+    tags = common.custom_tags
+    model = tags.get(MODEL_TAG, "")[:MAX_MODEL_CHARS] or requested
     address = common.upstream_remote_address
     served = address.HasField("socket_address") or address.ByteSize() > 0
     return Observation(
         request.request_id,
         common.upstream_cluster,
-        common.custom_tags.get("backend", "") if served else "",
+        tags.get("backend", "") if served else "",
         response.response_code.value,
         _ms(common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte")
             else common.duration),
@@ -109,6 +123,8 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         estimated,
         _flags(common.response_flags) if common.HasField("response_flags") else "",
         _quality(raw_quality) if raw_quality else None,
+        requested,
+        model,
     )
 
 

@@ -44,7 +44,7 @@ class Telemetry:
                 cost = engine.observe_request(pool, backend, ok, obs.latency_ms, obs.prompt_tokens,
                                               obs.completion_tokens)
                 if ok:
-                    spend.add(at, pool, backend, obs.prompt_tokens, obs.completion_tokens, cost)
+                    spend.add(at, pool, backend, obs.model, obs.prompt_tokens, obs.completion_tokens, cost)
                 if obs.quality_header is not None:
                     engine.observe_feedback(pool, backend, obs.quality_header)
                 if obs.request_id:

@@ -20,21 +20,29 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    extension_pb2,
     grpc_service_pb2,
     health_check_pb2,
     protocol_pb2,
 )
+from envoy.config.core.v3 import substitution_format_string_pb2 as format_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2 as j2m_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.http.transform.v3 import transform_pb2
 from envoy.extensions.filters.http.upstream_codec.v3 import upstream_codec_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    header_mutation_pb2 as early_mutation_pb2,
+)
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -48,6 +56,7 @@ from google.protobuf.message import Message
 from ..bootstrap import XDS_CLUSTER
 from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool, Retry
 from ..state import Addresses, Drained, Weights
+from ..telemetry.accesslog import MODEL_HEADER, MODEL_TAG, USAGE_NS
 from . import typeurls
 
 LISTENER_NAME = "ingress"
@@ -55,6 +64,16 @@ ROUTE_NAME = "ingress"
 # Endpoint metadata namespace: backend identity and its upstream credential.
 METADATA_NS = "llm_lb"
 _TLS_MATCH_NS = "envoy.transport_socket_match"
+# Copied from the JSON body by the listener (any client-sent value is stripped first).
+STREAM_HEADER = "x-llm-stream"
+# Set per attempt from the chosen endpoint's metadata, read and removed by the upstream rewrite.
+UPSTREAM_MODEL_HEADER = "x-llm-lb-model"
+USAGE_FILTER = "llm_lb.usage"
+USAGE_SOURCE = "usage"  # the stream scanner's name in the usage filter's source_codes
+# JSON content types json_to_metadata reads usage from (its default is `application/json` only).
+JSON_TYPES = ("application/json", "application/json; charset=utf-8", "application/json;charset=utf-8",
+              "application/json; charset=UTF-8")
+MODELS_PATH = "/v1/models"
 
 
 
@@ -122,36 +141,104 @@ def build(
 
 
 @functools.cache
-def usage_lua() -> str:
-    """The listener's usage scanner, kept as a real .lua file so it can be read and linted as Lua.
+def lua_source(name: str) -> str:
+    """A Lua filter's code, kept as a real .lua file so it can be read and linted as Lua.
 
-    Its leading comment stays out of the listener, so editing the comment
-    changes no LDS version (a new version makes Envoy drain its listener).
+    Its leading comment stays out of the resource, so editing the comment
+    changes no version (a new listener version makes Envoy drain its listener).
     """
-    lines = Path(__file__).with_name("usage.lua").read_text(encoding="utf-8").splitlines(keepends=True)
+    lines = Path(__file__).with_name(name).read_text(encoding="utf-8").splitlines(keepends=True)
     while lines and lines[0].startswith("--"):
         lines.pop(0)
     return "\n" + "".join(lines)
 
 
-def _usage_filter() -> hcm_pb2.HttpFilter:
+def usage_lua() -> str:
+    return lua_source("usage.lua")
+
+
+def _request_fields_filter() -> hcm_pb2.HttpFilter:
+    """Copies the JSON body's `model` and `stream` into headers, then routes are matched again.
+
+    A body that is not JSON, or has no such field, sets no header; whatever the
+    client sent in these headers was removed before (early header mutation).
+    """
+    def copy(header: str, field: str) -> mutation_rules_pb2.HeaderMutation:
+        return mutation_rules_pb2.HeaderMutation(append=base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=header, value=f"%REQUEST_BODY({field})%"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+
     return hcm_pb2.HttpFilter(
-        name="llm_lb.usage",
-        typed_config=_any(lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=usage_lua()))),
+        name="llm_lb.request_fields",
+        typed_config=_any(transform_pb2.TransformConfig(
+            request_transformation=transform_pb2.Transformation(
+                headers_mutations=[copy(MODEL_HEADER, "model"), copy(STREAM_HEADER, "stream")]),
+            clear_route_cache=True,
+        )),
     )
+
+
+def _json_usage_filter() -> hcm_pb2.HttpFilter:
+    """Usage of non-streamed JSON answers, natively (the response is buffered up to the listener's limit)."""
+    rules = [
+        j2m_pb2.JsonToMetadata.Rule(
+            selectors=[j2m_pb2.JsonToMetadata.Selector(key="usage"), j2m_pb2.JsonToMetadata.Selector(key=key)],
+            on_present=j2m_pb2.JsonToMetadata.KeyValuePair(
+                metadata_namespace=USAGE_NS, key=key, type=j2m_pb2.JsonToMetadata.NUMBER),
+        )
+        for key in ("prompt_tokens", "completion_tokens")
+    ]
+    return hcm_pb2.HttpFilter(
+        name="llm_lb.json_usage",
+        typed_config=_any(j2m_pb2.JsonToMetadata(
+            response_rules=j2m_pb2.JsonToMetadata.MatchRules(rules=rules, allow_content_types=JSON_TYPES))),
+    )
+
+
+def _usage_filter() -> hcm_pb2.HttpFilter:
+    """The stream scanner: no default code, so it runs only on routes that name it (`stream: true`)."""
+    return hcm_pb2.HttpFilter(
+        name=USAGE_FILTER,
+        typed_config=_any(lua_pb2.Lua(
+            source_codes={USAGE_SOURCE: base_pb2.DataSource(inline_string=usage_lua())})),
+    )
+
+
+def _strip_internal_headers() -> list[extension_pb2.TypedExtensionConfig]:
+    """Before routing: a client cannot choose a pool or a rewrite by sending our headers itself."""
+    return [extension_pb2.TypedExtensionConfig(
+        name="llm_lb.strip",
+        typed_config=_any(early_mutation_pb2.HeaderMutation(mutations=[
+            mutation_rules_pb2.HeaderMutation(remove=name)
+            for name in (MODEL_HEADER, STREAM_HEADER, UPSTREAM_MODEL_HEADER)
+        ])),
+    )]
+
+
+def _local_replies(limit_kb: int) -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own 413 (body over the buffer limit) as an OpenAI-style JSON error naming the limit."""
+    message = (f"request body too large: the limit is {limit_kb} KiB "
+               "(envoy.listener.per_connection_buffer_limit_kb)")
+    return hcm_pb2.LocalReplyConfig(mappers=[hcm_pb2.ResponseMapper(
+        filter=accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(default_value=413, runtime_key="llm_lb.local_reply.413")))),
+        body_format_override=_json_error(message, "invalid_request_error", "request_too_large"),
+    )])
+
+
+def _json_error(message: str, kind: str, code: str, param: str | None = None) -> format_pb2.SubstitutionFormatString:
+    """An OpenAI-style error body; Envoy fills `%...%` operators and escapes them as JSON."""
+    error: dict[str, object] = {"message": message, "type": kind, "code": code}
+    if param is not None:
+        error["param"] = param
+    return format_pb2.SubstitutionFormatString(json_format=_struct({"error": error}))
 
 
 def _access_log() -> accesslog_pb2.AccessLog:
     """Every request, batched, to the control plane over the ADS cluster (gRPC ALS)."""
-    backend_tag = custom_tag_pb2.CustomTag(
-        tag="backend",
-        metadata=custom_tag_pb2.CustomTag.Metadata(
-            kind=metadata_pb2.MetadataKind(host=metadata_pb2.MetadataKind.Host()),
-            metadata_key=metadata_pb2.MetadataKey(
-                key=METADATA_NS, path=[metadata_pb2.MetadataKey.PathSegment(key="backend")]
-            ),
-        ),
-    )
+    backend_tag = _host_tag("backend", "backend")
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc",
         typed_config=_any(
@@ -163,24 +250,45 @@ def _access_log() -> accesslog_pb2.AccessLog:
                     ),
                     transport_api_version=config_source_pb2.ApiVersion.V3,
                     buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
-                    custom_tags=[backend_tag],
+                    custom_tags=[backend_tag, _host_tag(MODEL_TAG, "model")],
                 ),
+                additional_request_headers_to_log=[MODEL_HEADER],
                 additional_response_headers_to_log=["x-quality-score"],
             )
         ),
     )
 
 
+def _host_tag(tag: str, key: str) -> custom_tag_pb2.CustomTag:
+    """An access-log tag from the chosen endpoint's metadata."""
+    return custom_tag_pb2.CustomTag(
+        tag=tag,
+        metadata=custom_tag_pb2.CustomTag.Metadata(
+            kind=metadata_pb2.MetadataKind(host=metadata_pb2.MetadataKind.Host()),
+            metadata_key=metadata_pb2.MetadataKey(key=METADATA_NS, path=[metadata_pb2.MetadataKey.PathSegment(key=key)]),
+        ),
+    )
+
+
 def listener(config: Config) -> listener_pb2.Listener:
+    """Every request passes: strip our headers, copy model/stream from the body, (re)route, forward.
+
+    Usage is read natively from JSON answers; the Lua scanner runs only on
+    routes for `stream: true` requests.
+    """
     addr = config.envoy.listener
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=LISTENER_NAME,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
+        early_header_mutation_extensions=_strip_internal_headers(),
         http_filters=[
+            _request_fields_filter(),
+            _json_usage_filter(),
             _usage_filter(),
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ],
+        local_reply_config=_local_replies(addr.per_connection_buffer_limit_kb),
         access_log=[_access_log()],
         always_set_request_id_in_response=True,
         max_request_headers_kb=wrappers_pb2.UInt32Value(value=addr.max_request_headers_kb),
@@ -211,41 +319,146 @@ def listener(config: Config) -> listener_pb2.Listener:
 
 
 def route_configuration(config: Config, rejected: Mapping[str, str] | None = None) -> route_pb2.RouteConfiguration:
-    """One route per pool; the longest prefix is tried first so specific pools win.
+    """Routes per path prefix, the longest first, so specific pools win.
 
-    A pool in `rejected` (its budget is exhausted and its action is `reject`)
-    is answered by Envoy itself: 429 with a JSON error naming the budget.
+    At a prefix whose pools name their models, each model routes to its pool
+    (models of pools at shorter, covering prefixes count here too), then the
+    `*` pool if any; Envoy itself answers 404 for any other model and 400 for
+    a request without one. Every forwarding route has a twin for `stream:
+    true` requests, the only ones the Lua usage scanner runs for. A pool in
+    `rejected` (budget exhausted, action `reject`) is answered 429 by Envoy.
     """
     rejected = rejected or {}
-    ordered = sorted(config.pools.items(), key=lambda item: (-len(item[1].match.prefix), item[0]))
-    routes = []
-    for name, pool in ordered:
-        route = route_components_pb2.Route(name=name, match=route_components_pb2.RouteMatch(prefix=pool.match.prefix))
-        if name in rejected:
-            body = json.dumps({"error": {"message": rejected[name], "type": "budget_exhausted", "pool": name}})
-            route.direct_response.status = 429
-            route.direct_response.body.inline_string = body
-            route.response_headers_to_add.append(
-                base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", value="application/json"))
-            )
-        else:
-            route.route.CopyFrom(
-                route_components_pb2.RouteAction(
-                    cluster=name,
-                    timeout=_duration(pool.timeout),
-                    auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
-                    retry_policy=retry_policy(pool.retry),
-                )
-            )
-        routes.append(route)
+    routes: list[route_components_pb2.Route] = []
+    if config.routes_by_model:
+        routes += _model_list_routes(config)
+    by_prefix: dict[str, list[tuple[str, Pool]]] = {}
+    for name, pool in sorted(config.pools.items()):
+        by_prefix.setdefault(pool.match.prefix, []).append((name, pool))
+    for prefix in sorted(by_prefix, key=lambda p: (-len(p), p)):
+        here = by_prefix[prefix]
+        if here[0][1].match.models is None:  # validation: then it is the only pool at this prefix
+            name, pool = here[0]
+            routes += _forward(name, pool, route_components_pb2.RouteMatch(prefix=prefix), rejected)
+            continue
+        covering = [(n, p) for q, pools in by_prefix.items() if q != prefix and prefix.startswith(q)
+                    for n, p in pools if p.match.models is not None]
+        candidates = here + sorted(covering, key=lambda item: -len(item[1].match.prefix))
+        for name, pool in candidates:
+            for model in pool.match.named_models:
+                routes += _forward(name, pool, _by_model(prefix, exact=model), rejected)
+        default = next(((n, p) for n, p in candidates if p.match.default), None)
+        if default is not None:
+            routes += _forward(*default, _by_model(prefix), rejected)
+        served = sorted(m for _, p in candidates for m in p.match.named_models)
+        routes += _model_errors(prefix, served)
     return route_pb2.RouteConfiguration(
         name=ROUTE_NAME,
         virtual_hosts=[route_components_pb2.VirtualHost(name="pools", domains=["*"], routes=routes)],
+        # Envoy's default (4 KiB) would refuse a long model list.
+        max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(value=1 << 20),
     )
 
 
-def retry_policy(retry: Retry) -> route_components_pb2.RetryPolicy:
-    """Retries always go to a host that has not failed this request yet, with back-off."""
+def _by_model(prefix: str, exact: str | None = None) -> route_components_pb2.RouteMatch:
+    """The prefix and the copied model header: that exact name, or any name at all."""
+    header = route_components_pb2.HeaderMatcher(name=MODEL_HEADER)
+    if exact is None:
+        header.present_match = True
+    else:
+        header.string_match.exact = exact
+    return route_components_pb2.RouteMatch(prefix=prefix, headers=[header])
+
+
+def _forward(name: str, pool: Pool, match: route_components_pb2.RouteMatch, rejected: Mapping[str, str]
+             ) -> list[route_components_pb2.Route]:
+    """The streamed twin (with the usage scanner) before the plain route (without any Lua)."""
+    if name in rejected:
+        body = json.dumps({"error": {"message": rejected[name], "type": "budget_exhausted", "pool": name}})
+        route = route_components_pb2.Route(name=name, match=match)
+        route.direct_response.status = 429
+        route.direct_response.body.inline_string = body
+        route.response_headers_to_add.append(_json_content_type())
+        return [route]
+    action = route_components_pb2.RouteAction(
+        cluster=name,
+        timeout=_duration(pool.timeout),
+        auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
+        retry_policy=retry_policy(pool.retry, pool),
+    )
+    streamed = route_components_pb2.Route(name=f"{name}/stream", match=match, route=action)
+    streamed.match.headers.append(
+        route_components_pb2.HeaderMatcher(name=STREAM_HEADER, string_match=string_pb2.StringMatcher(exact="true")))
+    streamed.typed_per_filter_config[USAGE_FILTER].CopyFrom(_any(lua_pb2.LuaPerRoute(name=USAGE_SOURCE)))
+    return [streamed, route_components_pb2.Route(name=name, match=match, route=action)]
+
+
+def _json_content_type() -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key="content-type", value="application/json"),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _listing(served: list[str], limit: int = 50) -> str:
+    shown = ", ".join(served[:limit]) + (f" and {len(served) - limit} more" if len(served) > limit else "")
+    return f"{shown}; GET {MODELS_PATH} lists them" if served else f"none; GET {MODELS_PATH} lists them"
+
+
+def _model_errors(prefix: str, served: list[str]) -> list[route_components_pb2.Route]:
+    """At a prefix routed by model: an unknown model -> 404, no model (or no JSON body) -> 400."""
+    unknown = route_components_pb2.Route(name=f"unknown-model:{prefix}", match=_by_model(prefix))
+    unknown.direct_response.status = 404
+    unknown.direct_response.body_format.CopyFrom(_json_error(
+        f"The model '%REQ({MODEL_HEADER})%' is not served here. Available: {_listing(served)}",
+        "invalid_request_error", "model_not_found", param="model"))
+    missing = route_components_pb2.Route(name=f"no-model:{prefix}", match=route_components_pb2.RouteMatch(prefix=prefix))
+    missing.direct_response.status = 400
+    missing.direct_response.body_format.CopyFrom(_json_error(
+        "This path routes by model: send a JSON body (content-type: application/json) with a \"model\" field. "
+        f"Available: {_listing(served)}",
+        "invalid_request_error", "missing_model", param="model"))
+    return [unknown, missing]
+
+
+def _model_list_routes(config: Config) -> list[route_components_pb2.Route]:
+    """`GET /v1/models` and `GET /v1/models/{id}`, answered by Envoy in OpenAI's format."""
+    served = config.served_models()
+
+    def entry(model: str, pool: str) -> dict[str, object]:
+        return {"id": model, "object": "model", "created": 0, "owned_by": pool}
+
+    def get(match: route_components_pb2.RouteMatch, status: int, body: str | format_pb2.SubstitutionFormatString,
+            name: str) -> route_components_pb2.Route:
+        match.headers.append(route_components_pb2.HeaderMatcher(
+            name=":method", string_match=string_pb2.StringMatcher(exact="GET")))
+        route = route_components_pb2.Route(name=name, match=match)
+        route.direct_response.status = status
+        if isinstance(body, str):
+            route.direct_response.body.inline_string = body
+            route.response_headers_to_add.append(_json_content_type())
+        else:
+            route.direct_response.body_format.CopyFrom(body)
+        return route
+
+    listing = json.dumps({"object": "list", "data": [entry(m, p) for m, p in sorted(served.items())]})
+    routes = [get(route_components_pb2.RouteMatch(path=MODELS_PATH), 200, listing, "models")]
+    routes += [get(route_components_pb2.RouteMatch(path=f"{MODELS_PATH}/{m}"), 200, json.dumps(entry(m, p)),
+                   f"models/{m}") for m, p in sorted(served.items())]
+    unknown = _json_error(f"The model '%REQ(:path)%' is not served here. Available: {_listing(sorted(served))}",
+                          "invalid_request_error", "model_not_found", param="model")
+    routes.append(get(route_components_pb2.RouteMatch(prefix=f"{MODELS_PATH}/"), 404, unknown, "models/unknown"))
+    return routes
+
+
+def retry_policy(retry: Retry, pool: Pool | None = None) -> route_components_pb2.RetryPolicy:
+    """Retries always go to a host that has not failed this request yet, with back-off.
+
+    A 429's `Retry-After` / `x-ratelimit-reset` is waited when it is short; with
+    several tiers, a retry leaves a tier after as many tries as it has hosts
+    (up to the retry count), so a tier that is all down or all rate-limited
+    fails over to the next (e.g. a fallback model) within one request.
+    """
     retry_on = list(retry.retry_on)
     if retry.retriable_status_codes and "retriable-status-codes" not in retry_on:
         retry_on.append("retriable-status-codes")
@@ -267,8 +480,23 @@ def retry_policy(retry: Retry) -> route_components_pb2.RetryPolicy:
         ],
         host_selection_retry_max_attempts=5,
     )
+    reset = route_components_pb2.RetryPolicy.ResetHeader
+    policy.rate_limited_retry_back_off.CopyFrom(route_components_pb2.RetryPolicy.RateLimitedRetryBackOff(
+        reset_headers=[
+            reset(name="retry-after", format=route_components_pb2.RetryPolicy.SECONDS),
+            reset(name="x-ratelimit-reset", format=route_components_pb2.RetryPolicy.UNIX_TIMESTAMP),
+        ],
+        max_interval=_duration(retry.backoff.max_rate_limited_interval),
+    ))
     if retry.per_try_timeout is not None:
         policy.per_try_timeout.CopyFrom(_duration(retry.per_try_timeout))
+    tiers = sorted({b.priority for b in pool.backends.values()}) if pool is not None else []
+    if len(tiers) > 1 and pool is not None:
+        first_tier = sum(1 for b in pool.backends.values() if b.priority == tiers[0])
+        policy.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
+            name="envoy.retry_priorities.previous_priorities",
+            typed_config=_any(previous_priorities_config_pb2.PreviousPrioritiesConfig(
+                update_frequency=max(1, min(first_tier, retry.attempts))))))
     return policy
 
 
@@ -283,7 +511,7 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http_protocol_options=protocol_pb2.Http1ProtocolOptions()
         ),
-        http_filters=[*_credential_filters(pool), _upstream_codec()],
+        http_filters=[*_credential_filters(pool), *_model_rewrite_filters(pool), _upstream_codec()],
     )
     lb_policy = (
         cluster_pb2.Cluster.LEAST_REQUEST if pool.strategy == "least_request" else cluster_pb2.Cluster.ROUND_ROBIN
@@ -304,6 +532,9 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
         },
         circuit_breakers=circuit_breakers(pool.circuit_breaker),
     )
+    if _rewrites_model(pool):
+        # The rewrite reads the whole request body per attempt: as much as the listener accepts.
+        out.per_connection_buffer_limit_bytes.value = config.envoy.listener.per_connection_buffer_limit_kb * 1024
     if pool.outlier_detection.enabled:
         out.outlier_detection.CopyFrom(outlier_detection(pool.outlier_detection))
     if pool.health_check is not None:
@@ -438,6 +669,32 @@ def _credential_filters(pool: Pool) -> list[hcm_pb2.HttpFilter]:
     ]
 
 
+def _rewrites_model(pool: Pool) -> bool:
+    return any(b.model is not None for b in pool.backends.values())
+
+
+def _model_rewrite_filters(pool: Pool) -> list[hcm_pb2.HttpFilter]:
+    """Per attempt, the chosen backend's own model name into the body (only pools that have one).
+
+    header_mutation hands the endpoint's `model` metadata to the Lua filter in a
+    header (Lua cannot see the upstream host); a retry on another backend is
+    rewritten for that backend.
+    """
+    if not _rewrites_model(pool):
+        return []
+    hand_over = header_mutation_pb2.HeaderMutation(mutations=header_mutation_pb2.Mutations(request_mutations=[
+        mutation_rules_pb2.HeaderMutation(append=base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=UPSTREAM_MODEL_HEADER, value=f"%UPSTREAM_METADATA({METADATA_NS}:model)%"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+        ))
+    ]))
+    rewrite = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=lua_source("model.lua")))
+    return [
+        hcm_pb2.HttpFilter(name="llm_lb.model_name", typed_config=_any(hand_over)),
+        hcm_pb2.HttpFilter(name="llm_lb.model_rewrite", typed_config=_any(rewrite)),
+    ]
+
+
 def _upstream_codec() -> hcm_pb2.HttpFilter:
     return hcm_pb2.HttpFilter(
         name="envoy.filters.http.upstream_codec", typed_config=_any(upstream_codec_pb2.UpstreamCodec())
@@ -459,6 +716,8 @@ def load_assignment(
         metadata: dict[str, object] = {"pool": name, "backend": backend_name}
         if backend.auth_value is not None:
             metadata[backend.api_key_header] = backend.auth_value
+        if backend.model is not None:
+            metadata["model"] = backend.model
         filter_metadata = {METADATA_NS: _struct(metadata)}
         if backend.tls:
             filter_metadata[_TLS_MATCH_NS] = _struct({"tls_host": backend.host})
