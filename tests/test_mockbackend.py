@@ -76,7 +76,7 @@ def test_prompt_tokens_estimated_from_text(backend: MockBackend) -> None:
     assert body["usage"]["prompt_tokens"] == 3  # ceil(10 / 4)
     stats = json.loads(request(backend, "GET", "/admin/stats")[2])
     assert stats == {"name": "local-a", "requests": 1, "completions": 1, "errors": 0,
-                     "in_flight": 0, "prompt_tokens": 3, "completion_tokens": 16}
+                     "in_flight": 0, "prompt_tokens": 3, "completion_tokens": 16, "models": {}}
 
 
 def test_streamed_completion_with_usage(backend: MockBackend) -> None:

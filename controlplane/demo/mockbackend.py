@@ -269,8 +269,8 @@ class MockHandler(BaseHTTPRequestHandler):
             return self._json(400, error_body(str(exc)))
         s = self.server.snapshot()
         with self.server.lock:
-            model = str(req.get("model", ""))[:128]
-            if model in self.server.models or len(self.server.models) < 100:
+            model = str(req["model"])[:128] if "model" in req else None
+            if model is not None and (model in self.server.models or len(self.server.models) < 100):
                 self.server.models[model] = self.server.models.get(model, 0) + 1
             failed = s.error_rate > 0 and self.server.rng.random() < s.error_rate
             jitter = self.server.rng.uniform(0, s.latency_jitter_ms) if s.latency_jitter_ms else 0.0
