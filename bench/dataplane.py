@@ -35,7 +35,7 @@ WORKERS = 1  # Envoy worker threads, the same for plain Envoy and the product
 ROUNDS, ROUNDS_SMOKE = 3, 1
 HELD_BACK_RPS = ("every request's JSON body is read to route by model (transform) and every JSON answer for usage "
                  "(json_to_metadata), and Envoy's worker shares 2 cores with wrk, nginx and the control plane "
-                 "(see the CPU row)")")
+                 "(see the CPU row)")
 HELD_BACK_CPU = ("it shares 2 cores with Envoy, nginx and wrk, and wakes for each batch; compare the scale part's "
                  "ingest row, where it has a core to itself")
 RATE = 1000  # requests per second for the fixed-rate comparison
