@@ -226,7 +226,7 @@ class SpendBook:
         """All time, per (pool, backend), over all models."""
         out: dict[Key, list[float]] = {}
         for (pool, backend, _), c in self._total.items():
-            _merge(out, (pool, backend), c)
+            _bump(out, (pool, backend), *c)
         return {k: _spend(c) for k, c in out.items()}
 
     def since(self, start: float) -> dict[Key, Spend]:
@@ -235,7 +235,7 @@ class SpendBook:
         out: dict[Key, list[float]] = {}
         for (hour, pool, backend, _), c in self._hours.items():
             if hour >= first:
-                _merge(out, (pool, backend), c)
+                _bump(out, (pool, backend), *c)
         return {k: _spend(c) for k, c in out.items()}
 
     def by_model(self, start: float | None = None) -> dict[ModelKey, Spend]:
@@ -244,12 +244,12 @@ class SpendBook:
         out: dict[ModelKey, list[float]] = {}
         if start is None:
             for (pool, _, model), c in self._total.items():
-                _merge(out, (pool, model), c)
+                _bump(out, (pool, model), *c)
         else:
             first = int(start // HOUR)
             for (hour, pool, _, model), c in self._hours.items():
                 if hour >= first:
-                    _merge(out, (pool, model), c)
+                    _bump(out, (pool, model), *c)
         return {k: _spend(c) for k, c in out.items()}
 
     def cost_by_hour(self) -> dict[tuple[int, str], float]:
@@ -260,8 +260,9 @@ class SpendBook:
         return out
 
 
-def _bump(table: dict[Any, list[float]], key: Any, requests: int, prompt: int, completion: int,
+def _bump(table: dict[Any, list[float]], key: Any, requests: float, prompt: float, completion: float,
           cost: float) -> None:
+    """Add to `table[key]`; a new entry is a new list, so a sum never shares a list with its parts."""
     c = table.get(key)
     if c is None:
         table[key] = [requests, prompt, completion, cost]
@@ -270,18 +271,6 @@ def _bump(table: dict[Any, list[float]], key: Any, requests: int, prompt: int, c
         c[1] += prompt
         c[2] += completion
         c[3] += cost
-
-
-def _merge(table: dict[Any, list[float]], key: Any, c: list[float]) -> None:
-    """Add counters `c` into `table[key]` (a copy: a sum never shares a list with its parts)."""
-    t = table.get(key)
-    if t is None:
-        table[key] = c.copy()
-    else:
-        t[0] += c[0]
-        t[1] += c[1]
-        t[2] += c[2]
-        t[3] += c[3]
 
 
 def _spend(c: list[float]) -> Spend:

@@ -54,7 +54,7 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from ..bootstrap import XDS_CLUSTER
-from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool, Retry
+from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool
 from ..state import Addresses, Drained, Weights
 from ..telemetry.accesslog import MODEL_HEADER, MODEL_TAG, USAGE_NS
 from . import typeurls
@@ -63,6 +63,7 @@ LISTENER_NAME = "ingress"
 ROUTE_NAME = "ingress"
 # Endpoint metadata namespace: backend identity and its upstream credential.
 METADATA_NS = "llm_lb"
+_MODEL_KEY = "model"  # endpoint metadata: the backend's own model name (rewrite, access-log tag)
 _TLS_MATCH_NS = "envoy.transport_socket_match"
 # Copied from the JSON body by the listener (any client-sent value is stripped first).
 STREAM_HEADER = "x-llm-stream"
@@ -250,7 +251,7 @@ def _access_log() -> accesslog_pb2.AccessLog:
                     ),
                     transport_api_version=config_source_pb2.ApiVersion.V3,
                     buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
-                    custom_tags=[backend_tag, _host_tag(MODEL_TAG, "model")],
+                    custom_tags=[backend_tag, _host_tag(MODEL_TAG, _MODEL_KEY)],
                 ),
                 additional_request_headers_to_log=[MODEL_HEADER],
                 additional_response_headers_to_log=["x-quality-score"],
@@ -384,7 +385,7 @@ def _forward(name: str, pool: Pool, match: route_components_pb2.RouteMatch, reje
         cluster=name,
         timeout=_duration(pool.timeout),
         auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
-        retry_policy=retry_policy(pool.retry, pool),
+        retry_policy=retry_policy(pool),
     )
     streamed = route_components_pb2.Route(name=f"{name}/stream", match=match, route=action)
     streamed.match.headers.append(
@@ -451,7 +452,7 @@ def _model_list_routes(config: Config) -> list[route_components_pb2.Route]:
     return routes
 
 
-def retry_policy(retry: Retry, pool: Pool | None = None) -> route_components_pb2.RetryPolicy:
+def retry_policy(pool: Pool) -> route_components_pb2.RetryPolicy:
     """Retries always go to a host that has not failed this request yet, with back-off.
 
     A 429's `Retry-After` / `x-ratelimit-reset` is waited when it is short; with
@@ -459,6 +460,7 @@ def retry_policy(retry: Retry, pool: Pool | None = None) -> route_components_pb2
     (up to the retry count), so a tier that is all down or all rate-limited
     fails over to the next (e.g. a fallback model) within one request.
     """
+    retry = pool.retry
     retry_on = list(retry.retry_on)
     if retry.retriable_status_codes and "retriable-status-codes" not in retry_on:
         retry_on.append("retriable-status-codes")
@@ -490,8 +492,8 @@ def retry_policy(retry: Retry, pool: Pool | None = None) -> route_components_pb2
     ))
     if retry.per_try_timeout is not None:
         policy.per_try_timeout.CopyFrom(_duration(retry.per_try_timeout))
-    tiers = sorted({b.priority for b in pool.backends.values()}) if pool is not None else []
-    if len(tiers) > 1 and pool is not None:
+    tiers = sorted({b.priority for b in pool.backends.values()})
+    if len(tiers) > 1:
         first_tier = sum(1 for b in pool.backends.values() if b.priority == tiers[0])
         policy.retry_priority.CopyFrom(route_components_pb2.RetryPolicy.RetryPriority(
             name="envoy.retry_priorities.previous_priorities",
@@ -684,7 +686,7 @@ def _model_rewrite_filters(pool: Pool) -> list[hcm_pb2.HttpFilter]:
         return []
     hand_over = header_mutation_pb2.HeaderMutation(mutations=header_mutation_pb2.Mutations(request_mutations=[
         mutation_rules_pb2.HeaderMutation(append=base_pb2.HeaderValueOption(
-            header=base_pb2.HeaderValue(key=UPSTREAM_MODEL_HEADER, value=f"%UPSTREAM_METADATA({METADATA_NS}:model)%"),
+            header=base_pb2.HeaderValue(key=UPSTREAM_MODEL_HEADER, value=f"%UPSTREAM_METADATA({METADATA_NS}:{_MODEL_KEY})%"),
             append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
         ))
     ]))
@@ -717,7 +719,7 @@ def load_assignment(
         if backend.auth_value is not None:
             metadata[backend.api_key_header] = backend.auth_value
         if backend.model is not None:
-            metadata["model"] = backend.model
+            metadata[_MODEL_KEY] = backend.model
         filter_metadata = {METADATA_NS: _struct(metadata)}
         if backend.tls:
             filter_metadata[_TLS_MATCH_NS] = _struct({"tls_host": backend.host})
