@@ -46,7 +46,7 @@ bench-smoke: install
 
 # The examples under configs/examples/ that name API keys need those variables set.
 validate: install
-	$(BIN)/python -m controlplane validate configs/demo.yaml configs/compose.yaml configs/examples/cost-aware.yaml
+	LLM_LB_XDS_TOKEN=$${LLM_LB_XDS_TOKEN:-validate-placeholder-token} $(BIN)/python -m controlplane validate configs/demo.yaml configs/compose.yaml configs/examples/cost-aware.yaml
 
 clean:
 	rm -rf $(VENV) state .pytest_cache .ruff_cache

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
 
 import grpc
 from envoy.config.core.v3 import address_pb2, base_pb2
@@ -46,8 +47,10 @@ class AdsEnvoy:
     has applied the resources; what it acked last, and when, is kept per type.
     """
 
-    def __init__(self, target: str, node_id: str, clusters: Sequence[str], on_ack: asyncio.Event) -> None:
+    def __init__(self, target: str, node_id: str, clusters: Sequence[str], on_ack: asyncio.Event,
+                 token: str = "") -> None:
         self.target = target
+        self.metadata = auth_metadata(token)
         self.node = base_pb2.Node(id=node_id, cluster="bench")
         self.names: dict[str, list[str]] = {
             typeurls.CLUSTER: [], typeurls.ENDPOINT: sorted(clusters),
@@ -64,7 +67,8 @@ class AdsEnvoy:
 
     async def start(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        self._call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel).StreamAggregatedResources()
+        self._call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel).StreamAggregatedResources(
+            metadata=self.metadata)
         for type_url in typeurls.PUSH_ORDER:
             await self._call.write(self._request(type_url))
         self._reader = asyncio.create_task(self._read())
@@ -109,9 +113,9 @@ class AdsEnvoy:
 class Fleet:
     """N simulated Envoys on one control plane, and the waits the bench needs on them."""
 
-    def __init__(self, target: str, count: int, clusters: Sequence[str], prefix: str) -> None:
+    def __init__(self, target: str, count: int, clusters: Sequence[str], prefix: str, token: str = "") -> None:
         self.acked = asyncio.Event()
-        self.envoys = [AdsEnvoy(target, f"{prefix}-{i}", clusters, self.acked) for i in range(count)]
+        self.envoys = [AdsEnvoy(target, f"{prefix}-{i}", clusters, self.acked, token) for i in range(count)]
 
     async def start(self) -> None:
         await asyncio.gather(*(e.start() for e in self.envoys))
@@ -241,7 +245,13 @@ def identifier_message(node_id: str) -> bytes:
     return bytes(message.SerializeToString())
 
 
-async def send_logs(target: str, streams: int, seconds: float, backends: Sequence[tuple[str, str, int]]) -> int:
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...] | None:
+    """What a real Envoy sends on each stream (controlplane/xds/auth.py)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+async def send_logs(target: str, streams: int, seconds: float, backends: Sequence[tuple[str, str, int]],
+                    token: str = "") -> int:
     """`streams` Envoys each stream access logs as fast as the control plane reads them; returns entries sent."""
     first = log_batch(backends)
     # Enough distinct messages that every backend appears (as Envoy's traffic would spread over them).
@@ -256,7 +266,7 @@ async def send_logs(target: str, streams: int, seconds: float, backends: Sequenc
         async with grpc.aio.insecure_channel(target) as channel:
             method = channel.stream_unary(ALS_METHOD, request_serializer=lambda b: b,
                                           response_deserializer=als_pb2.StreamAccessLogsResponse.FromString)
-            call = method()
+            call = method(metadata=auth_metadata(token))
             await call.write(identifier_message(f"bench-als-{index}"))
             ready += 1
             if ready == streams:
@@ -331,6 +341,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     als.add_argument("--streams", type=int, default=10)
     als.add_argument("--seconds", type=float, required=True)
     als.add_argument("--backends", required=True, help="JSON list of [pool, backend, port]")
+    als.add_argument("--token-file", default=None, help="the control plane's xds-token file")
     sink = sub.add_parser("sink", help="count entries only; prints 'listening', then a JSON result, and exits")
     sink.add_argument("--port", type=int, required=True)
     sink.add_argument("--warmup", type=float, default=1.0)
@@ -340,7 +351,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(json.dumps(asyncio.run(run_sink(args.port, args.warmup, args.window))), flush=True)
         return 0
     backends = [(str(pool), str(name), int(port)) for pool, name, port in json.loads(args.backends)]
-    sent = asyncio.run(send_logs(args.target, args.streams, args.seconds, backends))
+    token = Path(args.token_file).read_text().strip() if args.token_file else ""
+    sent = asyncio.run(send_logs(args.target, args.streams, args.seconds, backends, token))
     print(json.dumps({"sent": sent}), flush=True)
     return 0
 

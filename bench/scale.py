@@ -185,6 +185,10 @@ class _ControlPlane(ControlPlane):
     def xds(self) -> str:
         return f"127.0.0.1:{self.ports['xds']}"
 
+    @property
+    def token_file(self) -> Path:
+        return self.tmp / "state" / "xds-token"  # `run --no-envoy` keeps its token there
+
     def snapshot_versions(self) -> dict[str, str]:
         return {SHORT_TO_TYPE[short]: v for short, v in self.status()["snapshot"].items()}
 
@@ -265,7 +269,7 @@ async def _pushes(cp: _ControlPlane, counts: tuple[int, ...], changes: int) -> l
     backend0 = next(iter(pools[pool0]["backends"]))
     results = []
     for count in counts:
-        fleet = Fleet(cp.xds, count, list(pools), prefix=f"sim{count}")
+        fleet = Fleet(cp.xds, count, list(pools), prefix=f"sim{count}", token=cp.token_file.read_text().strip())
         try:
             t = time.monotonic()
             await fleet.start()
@@ -328,10 +332,12 @@ def _backend_list(doc: dict[str, Any]) -> list[list[Any]]:
             for name, b in spec["backends"].items()]
 
 
-def _start_senders(target: str, backends: list[list[Any]], seconds: float) -> subprocess.Popen[str]:
+def _start_senders(target: str, backends: list[list[Any]], seconds: float, token_file: Path | None = None
+                   ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "bench.fake_envoy", "als", "--target", target, "--streams", str(ALS_STREAMS),
-         "--seconds", str(seconds), "--backends", json.dumps(backends)],
+         "--seconds", str(seconds), "--backends", json.dumps(backends),
+         *(["--token-file", str(token_file)] if token_file else [])],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -368,7 +374,7 @@ def _ingest_rows(ctx: Context, window: float, backends: int, pools: int, referen
     cp = _start_cp(ctx.workdir / f"scale-ingest-{backends}", doc)
     sender: subprocess.Popen[str] | None = None
     try:
-        sender = _start_senders(cp.xds, _backend_list(doc), window + 60)
+        sender = _start_senders(cp.xds, _backend_list(doc), window + 60, cp.token_file)
         _await_line(sender, "streaming", timeout=30, who="the access-log senders")
         time.sleep(1.0)  # warm-up: streams at full speed, first scoring round done
         api, pid = cp.api, cp.proc.pid

@@ -46,8 +46,23 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     from .bootstrap import bootstrap, write_bootstrap
 
     config = _load_or_exit(args.config)
+    if args.token_placeholder:
+        token = args.token_placeholder
+    elif args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"{args.token_file}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    elif config.controlplane.xds.token is not None:
+        token = config.controlplane.xds.token.get_secret_value()
+    else:
+        print(f"{args.config}: controlplane.xds.token is not set: give --token-file (the running control "
+              "plane's <state dir>/xds-token) or set the token in the config", file=sys.stderr)
+        return 2
     content = json.dumps(
-        bootstrap(config, args.node_id, xds_host=args.xds_host, admin_address=args.admin_address), indent=2
+        bootstrap(config, args.node_id, xds_host=args.xds_host, admin_address=args.admin_address, token=token),
+        indent=2,
     )
     if args.output == "-":
         print(content)
@@ -172,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default="llm-lb-envoy")
     p.add_argument("--xds-host", default=None, help="where Envoy finds the control plane (default: controlplane.xds.address)")
     p.add_argument("--admin-address", default=None, help="admin bind address (default: envoy.admin.address)")
+    p.add_argument("--token-file", default=None, metavar="FILE",
+                   help="the xDS token (default: controlplane.xds.token), e.g. <state dir>/xds-token")
+    p.add_argument("--token-placeholder", default=None, metavar="TEXT",
+                   help="write TEXT where the token goes, to be replaced at start (compose)")
     p.set_defaults(func=cmd_bootstrap)
 
     for name, text in (("drain", "stop new requests to a backend; in-flight ones finish"),

@@ -1,12 +1,42 @@
-"""The control plane's HTTP API: health, metrics and status (loopback by default)."""
+"""The control plane's HTTP API: health, metrics and status (loopback by default).
+
+Request bodies are small JSON objects: a body over MAX_BODY_BYTES is refused
+(413) before it is parsed, and one that is not JSON, or nested too deep for
+the parser, gets a 400; every error is JSON, {"error": {"message": ...}}.
+"""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import metrics, reports
+from .telemetry.requests import MAX_REQUEST_ID_CHARS
 from .views import Actions, Views
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class _BodyError(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+async def _json(request: web.Request, example: str) -> Any:
+    """The request's body as JSON; raises _BodyError with the error response (413 too large, 400 not JSON)."""
+    try:
+        raw = await request.read()  # the application's client_max_size stops it past MAX_BODY_BYTES
+    except web.HTTPRequestEntityTooLarge:
+        raise _BodyError(_error(413, f"body too large: at most {MAX_BODY_BYTES} bytes")) from None
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise _BodyError(_error(400, f"body is nested too deeply; it must be JSON, e.g. {example}")) from None
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise _BodyError(_error(400, f"body must be JSON, e.g. {example}")) from None
 
 
 def make_app(views: Views, actions: Actions) -> web.Application:
@@ -30,9 +60,9 @@ def make_app(views: Views, actions: Actions) -> web.Application:
         force = False
         if request.can_read_body:
             try:
-                body = await request.json()
-            except ValueError:
-                return _error(400, "body must be JSON, e.g. {\"force\": true}")
+                body = await _json(request, '{"force": true}')
+            except _BodyError as bad:
+                return bad.response
             if not isinstance(body, dict) or not isinstance(body.get("force", False), bool):
                 return _error(400, "body must be an object whose 'force' is true or false")
             force = body.get("force", False)
@@ -55,20 +85,24 @@ def make_app(views: Views, actions: Actions) -> web.Application:
     @routes.post("/v1/feedback")
     async def feedback(request: web.Request) -> web.Response:
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, 'body must be JSON: {"request_id": "...", "score": 0.0-1.0}')
+            body = await _json(request, '{"request_id": "...", "score": 0.0-1.0}')
+        except _BodyError as bad:
+            return bad.response
         if not isinstance(body, dict):
             return _error(400, "body must be a JSON object")
         request_id, score = body.get("request_id"), body.get("score")
-        if not isinstance(request_id, str) or not request_id or len(request_id) > 256:
-            return _error(400, "'request_id' must be the x-request-id Envoy returned (a non-empty string)")
+        if (not isinstance(request_id, str) or not request_id or len(request_id) > MAX_REQUEST_ID_CHARS
+                or not request_id.isascii()):
+            return _error(400, "'request_id' must be the x-request-id Envoy returned "
+                               f"(1 to {MAX_REQUEST_ID_CHARS} ASCII characters)")
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
             return _error(400, "'score' must be a number from 0 to 1")
         unknown = sorted(set(body) - {"request_id", "score"})
         if unknown:
             return _error(400, f"unknown field(s): {', '.join(unknown)}")
         result = actions.feedback(request_id, float(score))
+        if result["status"] == "duplicate":
+            return _error(409, f"request {request_id!r} was already rated; each request can be rated once")
         return web.json_response(result, status=200 if result["status"] == "applied" else 202)
 
     @routes.get("/v1/cost")
@@ -83,7 +117,7 @@ def make_app(views: Views, actions: Actions) -> web.Application:
         budget = [w.as_dict() for w in views.budgets().windows.get(pool, ())]
         return web.json_response(views.explain(pool, budget or None))
 
-    web_app = web.Application()
+    web_app = web.Application(client_max_size=MAX_BODY_BYTES)
     web_app.add_routes(routes)
     return web_app
 

@@ -32,13 +32,24 @@ from .scoring.engine import Engine
 from .scoring.ledger import SpendBook, SqliteLedger
 from .state import DesiredState
 from .telemetry import accesslog
+from .telemetry.accesslog import Observation, Stream
 from .telemetry.ingest import Telemetry
 from .telemetry.prober import Prober
 from .telemetry.requests import RequestIndex
+from .telemetry.spool import ENVOY_FLAGS, SPOOL_NAME, Spool
 from .views import Actions, Views
+from .xds import auth
 from .xds.server import AdsServer, SnapshotCache, start_server
 
 log = logging.getLogger("controlplane")
+
+
+class _SpoolingEnvoy(EnvoyProcess):
+    """Our Envoy, its file logs (the spool) written at once (spool.ENVOY_FLAGS). Envoy's flags are
+    EnvoyProcess's business: this belongs there as an option once it has one."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), *ENVOY_FLAGS]
 
 
 class App:
@@ -48,7 +59,13 @@ class App:
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
         drained = frozenset(statefile.load(state_dir / "state.json").drained)
-        self.reconciler = Reconciler(self.cache, DesiredState(config=config, drained=drained))
+        secret = config.controlplane.xds.token
+        self.xds_token = auth.resolve_token(secret.get_secret_value() if secret else None, state_dir, fresh=run_envoy)
+        self.auth = auth.TokenAuth(self.xds_token, self.ads.stats.unauthenticated)
+        spool_path = state_dir.resolve() / SPOOL_NAME if run_envoy else None  # only our own Envoy keeps one
+        self.reconciler = Reconciler(self.cache, DesiredState(config=config, drained=drained,
+                                                              xds_token=self.xds_token,
+                                                              spool_path=str(spool_path) if spool_path else None))
         self.engine = Engine()
         self.engine.sync(config)
         self.ledger = SqliteLedger(state_dir / "ledger.sqlite3")
@@ -57,7 +74,10 @@ class App:
                                     lambda: self.config().controlplane.spend_flush_interval.total_seconds())
         self.requests = RequestIndex()
         self.telemetry = Telemetry(self.engine, self.spend, self.requests, self.config)
-        self.access_log = accesslog.AccessLogService(self.telemetry.observe_batch)
+        self.access_log = accesslog.AccessLogService(self._use_access_log)
+        self.spool = None if spool_path is None else Spool(
+            spool_path, node_id, self.spend, self.ledger, self.flusher, self.access_log, self.config,
+            self._envoy_admin_url)
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)
         self.budgets = BudgetController(self.spend, self.alerter, self.reconciler)
         self.scoring = ScoringLoop(self.engine, self.budgets, self.requests, self.reconciler)
@@ -73,6 +93,17 @@ class App:
 
     def config(self) -> Config:
         return self.reconciler.state.config
+
+    def _use_access_log(self, batch: list[Observation], stream: Stream, received: int) -> int:
+        """Entries of our own Envoy are counted against its spool in the same step as their spend is added."""
+        if self.spool is not None and stream.node == self.node_id and not self.spool.count(stream, received):
+            return 0  # from an Envoy whose spool was already charged
+        return self.telemetry.observe_batch(batch)
+
+    def _envoy_admin_url(self) -> str:
+        admin = self.config().envoy.admin
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(admin.address, admin.address)
+        return f"http://[{host}]:{admin.port}" if ":" in host else f"http://{host}:{admin.port}"
 
     def views(self) -> Views:
         return Views(
@@ -90,18 +121,23 @@ class App:
         self.scoring.start()
         self.reconciler.apply(self.reconciler.state)  # raises if it cannot be built: then nothing starts
         self.reconciler.start()
+        xds = cfg.controlplane.xds
         self._grpc = await start_server(
-            self.ads, cfg.controlplane.xds.address, cfg.controlplane.xds.port,
+            self.ads, xds.address, xds.port,
             extra=lambda server: accesslog.add_to_server(self.access_log, server),
+            interceptors=[self.auth],
+            credentials=auth.server_credentials(xds.tls) if xds.tls else None,
         )
         log.info("xDS (ADS) listening on %s", cfg.controlplane.xds)
         actions = Actions(feedback=self.telemetry.feedback, set_draining=self.drains.set)
         self._api = await start_api(self.views(), actions, cfg.controlplane.api.address, cfg.controlplane.api.port)
         log.info("API listening on http://%s (/healthz /metrics /v1/status)", cfg.controlplane.api)
         if self._run_envoy:
-            path = write_bootstrap(self.state_dir / "envoy-bootstrap.json", bootstrap(cfg, self.node_id))
-            self.envoy = EnvoyProcess(path, self.state_dir / "envoy.log", log_level=cfg.envoy.log_level,
-                                      concurrency=cfg.envoy.concurrency)
+            path = write_bootstrap(self.state_dir / "envoy-bootstrap.json",
+                                   bootstrap(cfg, self.node_id, token=self.xds_token))
+            self.envoy = _SpoolingEnvoy(path, self.state_dir / "envoy.log", log_level=cfg.envoy.log_level,
+                                        concurrency=cfg.envoy.concurrency, pid_file=self.state_dir / "envoy.pid",
+                                        before_spawn=self.spool.before_spawn if self.spool else None)
             await self.envoy.start()
         self._flusher = asyncio.create_task(self.flusher.run(), name="spend-flusher")
         self._tasks = [
@@ -110,6 +146,8 @@ class App:
             asyncio.create_task(self.scoring.run(), name="scoring"),
             asyncio.create_task(Prober(self.config, self.telemetry.observe_health).run(), name="health-prober"),
         ]
+        if self.spool is not None:
+            self._tasks.append(asyncio.create_task(self.spool.run(), name="spool-rotation"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -117,6 +155,9 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.envoy is not None:
             await self.envoy.stop()  # its last access-log batches arrive while the servers still listen
+            if self.spool is not None:  # what it wrote to its spool but did not send is charged now
+                await self.spool.settle()
+                self.spool.recover("after envoy stopped")
         if self._api is not None:
             await self._api.cleanup()
         if self._grpc is not None:

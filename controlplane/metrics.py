@@ -36,6 +36,11 @@ class SystemCollector(Collector):
             for short in typeurls.SHORT.values():
                 family.add_metric([short], counter.get(short, 0))
             yield family
+        refused = CounterMetricFamily("llm_lb_grpc_unauthenticated", "gRPC streams refused for want of a valid token",
+                                      labels=["service"])
+        for service, count in sorted(views.xds.stats.unauthenticated.items()):
+            refused.add_metric([service], count)
+        yield refused
         yield GaugeMetricFamily(
             "llm_lb_envoys_connected", "Envoy nodes with an open ADS stream",
             value=views.xds.connected(),
@@ -65,6 +70,7 @@ class SystemCollector(Collector):
                 gauges["latency"].add_metric([pool, backend], st.latency_ewma_ms)
             gauges["errors"].add_metric([pool, backend], st.error_ewma)
         yield from gauges.values()
+        yield self._suspicious()
         spend = CounterMetricFamily("llm_lb_spend", "Money spent, at configured prices", labels=["pool", "backend"])
         tokens = CounterMetricFamily("llm_lb_tokens", "Tokens counted", labels=["pool", "backend", "kind"])
         for (pool, backend), total in views.spend.total().items():
@@ -86,6 +92,17 @@ class SystemCollector(Collector):
         unusable = CounterMetricFamily("llm_lb_access_log_errors", "Access log entries that could not be used")
         unusable.add_metric([], views.access_log.errors)
         yield unusable
+        streams = CounterMetricFamily(
+            "llm_lb_access_log_streams",
+            "Access-log streams opened, per Envoy node; each one past a node's worker count is a reconnect, "
+            "and entries that Envoy held while it had no stream may be lost (recovered only for the managed Envoy)",
+            labels=["node"])
+        for node, count in sorted(views.access_log.streams.items()):
+            streams.add_metric([node], count)
+        yield streams
+        yield CounterMetricFamily("llm_lb_spend_recovered_requests",
+                                  "Requests charged from the managed Envoy's spool file because the ledger lacked "
+                                  "them (a crash or an Envoy restart), all time", value=views.spend.recovered.requests)
         yield CounterMetricFamily("llm_lb_ledger_flushes", "Spend batches written to the ledger",
                                   value=views.ledger.flushes)
         yield CounterMetricFamily("llm_lb_ledger_flush_failures",
@@ -103,6 +120,23 @@ class SystemCollector(Collector):
         envoy = views.envoy()
         restarts.add_metric([], envoy.restarts if envoy else 0)
         yield restarts
+
+    def _suspicious(self) -> CounterMetricFamily:
+        """Requests whose usage block could not be true (estimated instead), from each pool's explanation
+        (where the engine shows them): a scrape-time read, nothing on the per-request path."""
+        views = self.views
+        family = CounterMetricFamily(
+            "llm_lb_usage_suspicious",
+            "Requests whose reported token usage could not be true (negative, not a whole number, over the "
+            "cap, or more than the bodies allow): estimated from the body sizes instead", labels=["pool", "backend"])
+        for pool in views.state().config.pools:
+            try:
+                backends = views.explain(pool, None)["backends"]
+            except KeyError:  # a pool the scores do not know yet (a reload in progress)
+                continue
+            for backend, explained in backends.items():
+                family.add_metric([pool, backend], explained.get("usage_suspicious", 0))
+        return family
 
 
 def registry_for(views: Views) -> CollectorRegistry:

@@ -46,7 +46,8 @@ def _endpoints(state: DesiredState, previous: Built | None, built_from: DesiredS
 BUILDERS: Mapping[str, tuple[frozenset[str], Builder]] = {
     typeurls.CLUSTER: (frozenset({"config"}), lambda s, _p, _b: resources.clusters(s.config)),
     typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained"}), _endpoints),
-    typeurls.LISTENER: (frozenset({"config"}), lambda s, _p, _b: resources.listeners(s.config)),
+    typeurls.LISTENER: (frozenset({"config", "xds_token", "spool_path"}),
+                        lambda s, _p, _b: resources.listeners(s.config, s.xds_token, s.spool_path)),
     typeurls.ROUTE: (frozenset({"config", "rejected"}), lambda s, _p, _b: resources.routes(s.config, s.rejected)),
 }
 

@@ -23,6 +23,8 @@ def status(views: Views) -> dict[str, Any]:
             "reloads": cfg.reloads,
             "last_edit": "rejected" if cfg.errors else "applied",
             "errors": cfg.errors,
+            # edits that take effect only at the next start (Envoy flags, bootstrap, listen ports)
+            "restart_pending": list(cfg.restart_pending),
         },
         "snapshot": {typeurls.SHORT[t]: snapshot.version(t) for t in typeurls.PUSH_ORDER} if snapshot else {},
         "envoy": {
@@ -34,6 +36,8 @@ def status(views: Views) -> dict[str, Any]:
         },
         "nodes": views.xds.node_status(),
         "in_sync": views.xds.in_sync(),
+        "grpc_auth": {"mtls": config.controlplane.xds.tls is not None,
+                      "unauthenticated_refused": dict(views.xds.stats.unauthenticated)},
         "pools": {
             name: {
                 "strategy": pool.strategy,
@@ -60,7 +64,7 @@ NO_MODEL = "(none)"  # the models key for spend whose request and backend named 
 
 def cost_report(views: Views, now: float | None = None) -> dict[str, Any]:
     """Spend per pool, per backend and per model for this hour and day, against each budget (from memory,
-    not the ledger)."""
+    not the ledger); and how much of it was recovered from the spool."""
     now = time.time() if now is None else now
     hour_start, day_start = period_start(now, "hour"), period_start(now, "day")
     hour = views.spend.since(hour_start)
@@ -88,7 +92,15 @@ def cost_report(views: Views, now: float | None = None) -> dict[str, Any]:
             "backends": backends,
             "models": {label: _spend_entry(*sums) for label, sums in sorted(models.get(pname, {}).items())},
         }
-    return {"currency_note": "prices as configured per 1k tokens", "pools": pools}
+    recovered = views.spend.recovered
+    return {
+        "currency_note": "prices as configured per 1k tokens",
+        # all time, included in the figures above: spend the ledger lacked after a crash or an Envoy
+        # restart, charged from the managed Envoy's spool file (telemetry/spool.py)
+        "recovered_requests": recovered.requests,
+        "recovered_cost": round(recovered.cost, 6),
+        "pools": pools,
+    }
 
 
 def _spend_entry(hour: Spend, day: Spend, total: Spend) -> dict[str, Any]:

@@ -32,6 +32,8 @@ class DesiredState:
     addresses: Addresses = field(default_factory=_empty)
     drained: Drained = frozenset()
     rejected: Mapping[str, str] = field(default_factory=_empty)  # pool -> why Envoy answers 429 for it
+    xds_token: str = field(default="", repr=False)  # what Envoy sends to authenticate its access-log streams
+    spool_path: str | None = None  # where the managed Envoy also logs each request (telemetry/spool.py)
 
     def replace(self, **changes: Any) -> DesiredState:
         """A new state with some parts changed; mappings are frozen so no holder can edit them later."""

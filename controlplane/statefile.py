@@ -47,10 +47,14 @@ def save(path: Path, state: PersistedState) -> None:
     atomic_write(path, json.dumps(state.to_json(), indent=2) + "\n")
 
 
-def atomic_write(path: Path, text: str) -> Path:
+def atomic_write(path: Path, text: str, private: bool = False) -> Path:
+    """`private`: readable by the owner only (a file that holds a token), from the first byte written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    if private:
+        os.fchmod(fd, 0o600)  # a leftover temp file keeps its old mode otherwise
+    with open(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())

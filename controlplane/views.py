@@ -39,6 +39,9 @@ class ConfigView(Protocol):
     @property
     def errors(self) -> list[str]: ...
 
+    @property
+    def restart_pending(self) -> list[str]: ...
+
 
 class XdsView(Protocol):
     @property
@@ -65,6 +68,11 @@ class SpendView(Protocol):
         """(hour, pool, backend, model) rows not yet written to the ledger."""
         ...
 
+    @property
+    def recovered(self) -> Spend:
+        """All time: spend charged from the managed Envoy's spool, not from the gRPC access log."""
+        ...
+
 
 class EnvoyView(Protocol):
     @property
@@ -83,6 +91,11 @@ class Counts(Protocol):
 
     @property
     def errors(self) -> int: ...
+
+    @property
+    def streams(self) -> Mapping[str, int]:
+        """Per Envoy node id: access-log streams opened (each after the first ones is a reconnect)."""
+        ...
 
 
 class LedgerView(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -239,9 +240,15 @@ class StandaloneEnvoy:
         from controlplane.envoyproc import find_envoy
 
         self.bootstrap = tmp / "standalone-bootstrap.json"
+        token = tmp / "state" / "xds-token"
+        if not token.exists():  # the control plane (run --no-envoy) keeps a token it finds there
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.write_text(secrets.token_hex(32) + "\n")
+            token.chmod(0o600)
         subprocess.run(
             [sys.executable, "-m", "controlplane", "bootstrap", "--config", str(config_path),
-             "--node-id", "standalone", "-o", str(self.bootstrap)],
+             "--node-id", "standalone", "-o", str(self.bootstrap),
+             "--token-file", str(token)],
             cwd=ROOT, check=True, capture_output=True, timeout=60,
         )
         self._log = open(tmp / "standalone-envoy.log", "ab")

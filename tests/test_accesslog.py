@@ -8,12 +8,19 @@ from google.protobuf import struct_pb2
 
 from controlplane.telemetry.accesslog import (
     CHARS_PER_TOKEN,
+    COMPLETION_ALLOWANCE,
+    CUT_FLAGS,
+    GENERATION_TOKENS_PER_SECOND,
     MAX_MODEL_CHARS,
+    MAX_TOKENS,
     MODEL_HEADER,
     MODEL_TAG,
+    PROMPT_ALLOWANCE,
     USAGE_NS,
     Observation,
     parse,
+    token_count,
+    usage,
 )
 
 
@@ -70,6 +77,7 @@ def test_usage_metadata_gives_exact_tokens() -> None:
     obs = parse(entry(usage={"prompt_tokens": 123, "completion_tokens": 45}, request_bytes=99999,
                       response_bytes=99999, last_byte_ms=250.0, first_byte_ms=80.0))
     assert (obs.prompt_tokens, obs.completion_tokens, obs.usage_estimated) == (123, 45, False)
+    assert obs.usage_suspicious is False
     assert obs.request_id == "req-1" and obs.pool == "chat" and obs.backend == "a"
     assert obs.status == 200 and obs.ok is True
     assert obs.latency_ms == pytest.approx(250.0) and obs.ttfb_ms == pytest.approx(80.0)
@@ -92,6 +100,7 @@ def test_estimates_when_usage_is_absent(usage, request_bytes, response_bytes, pr
     obs = parse(entry(usage=usage, request_bytes=request_bytes, response_bytes=response_bytes))
     assert (obs.prompt_tokens, obs.completion_tokens) == (prompt, completion)
     assert obs.usage_estimated is True
+    assert obs.usage_suspicious is (usage == {"prompt_tokens": "12"})  # absent is not suspicious; a string is
     assert CHARS_PER_TOKEN == 4
 
 
@@ -165,28 +174,154 @@ def test_response_flags_are_named() -> None:
     [
         pytest.param(45, 45, id="plausible"),
         pytest.param(0, 0, id="zero"),
-        pytest.param(2.9, 2, id="fraction-truncated"),
+        pytest.param(3.0, 3, id="whole-float"),
+        pytest.param(2.9, None, id="fraction"),
+        pytest.param(12.5, None, id="half"),
         pytest.param(-5, None, id="negative"),
+        pytest.param(-0.0, 0, id="negative-zero"),
         pytest.param(1e18, None, id="absurd"),
+        pytest.param(1e20, None, id="past-sqlite-integers"),
+        pytest.param(MAX_TOKENS + 1, None, id="over-the-cap"),
         pytest.param(float("nan"), None, id="nan"),
         pytest.param(float("inf"), None, id="infinite"),
+        pytest.param(float("-inf"), None, id="minus-infinite"),
         pytest.param("45", None, id="string"),
+        pytest.param(True, None, id="bool"),
+        pytest.param(None, None, id="null"),
     ],
 )
 def test_implausible_usage_counts_are_estimated_not_trusted(reported: object, counted: int | None) -> None:
     obs = parse(entry(usage={"prompt_tokens": 10, "completion_tokens": reported}, response_bytes=400))
     if counted is None:
-        assert obs.completion_tokens == 400 // CHARS_PER_TOKEN and obs.usage_estimated
+        assert obs.completion_tokens == 400 // CHARS_PER_TOKEN and obs.usage_estimated and obs.usage_suspicious
     else:
-        assert obs.completion_tokens == counted and not obs.usage_estimated
-    assert obs.prompt_tokens == 10
+        assert obs.completion_tokens == counted and not obs.usage_estimated and not obs.usage_suspicious
+    assert obs.prompt_tokens == 10, "the other count is still used"
+    assert token_count(reported) == counted, "the spool's reader applies the same rule"
+
+
+# -- plausibility for the body sizes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("prompt", "request_bytes", "trusted"),
+    [
+        pytest.param(PROMPT_ALLOWANCE, 0, True, id="within-the-allowance-whatever-the-body"),
+        pytest.param(PROMPT_ALLOWANCE + 1, 0, False, id="past-the-allowance-with-no-body"),
+        pytest.param(PROMPT_ALLOWANCE + 100_000, 100_000, True, id="body-plus-allowance"),
+        pytest.param(PROMPT_ALLOWANCE + 100_001, 100_000, False, id="one-past"),
+        pytest.param(MAX_TOKENS, 500, False, id="cap-on-a-small-body"),
+    ],
+)
+def test_prompt_tokens_must_fit_the_request_body(prompt: int, request_bytes: int, trusted: bool) -> None:
+    obs = parse(entry(usage={"prompt_tokens": prompt, "completion_tokens": 7}, request_bytes=request_bytes,
+                      response_bytes=100))
+    assert obs.completion_tokens == 7
+    if trusted:
+        assert obs.prompt_tokens == prompt and not obs.usage_suspicious and not obs.usage_estimated
+    else:
+        assert obs.prompt_tokens == (max(1, request_bytes // CHARS_PER_TOKEN) if request_bytes else 0)
+        assert obs.usage_suspicious and obs.usage_estimated
+
+
+@pytest.mark.parametrize(
+    ("completion", "response_bytes", "last_byte_ms", "trusted"),
+    [
+        pytest.param(COMPLETION_ALLOWANCE, 0, None, True, id="within-the-allowance-whatever-the-body"),
+        pytest.param(COMPLETION_ALLOWANCE + 1, 0, None, False, id="past-the-allowance-no-body-no-time"),
+        pytest.param(COMPLETION_ALLOWANCE + 5000, 5000, None, True, id="body-plus-allowance"),
+        pytest.param(COMPLETION_ALLOWANCE + 5001, 5000, None, False, id="one-past"),
+        # hidden reasoning tokens: billed, not sent, but they took time to generate
+        pytest.param(COMPLETION_ALLOWANCE + 20 * GENERATION_TOKENS_PER_SECOND, 50, 20_000.0, True,
+                     id="reasoning-within-the-time"),
+        pytest.param(COMPLETION_ALLOWANCE + 20 * GENERATION_TOKENS_PER_SECOND + 100, 50, 20_000.0, False,
+                     id="faster-than-any-backend"),
+        pytest.param(9_999_999, 2000, 400.0, False, id="under-the-cap-but-not-in-400-ms"),
+    ],
+)
+def test_completion_tokens_must_fit_the_response_body_and_time(completion: int, response_bytes: int,
+                                                               last_byte_ms: float | None, trusted: bool) -> None:
+    obs = parse(entry(usage={"prompt_tokens": 5, "completion_tokens": completion}, request_bytes=100,
+                      response_bytes=response_bytes, last_byte_ms=last_byte_ms))
+    assert obs.prompt_tokens == 5
+    if trusted:
+        assert obs.completion_tokens == completion and not obs.usage_suspicious
+    else:
+        assert obs.completion_tokens == response_bytes // CHARS_PER_TOKEN
+        assert obs.usage_suspicious and obs.usage_estimated
+
+
+def test_an_implausible_count_falls_back_to_the_stream_chunks() -> None:
+    obs = parse(entry(usage={"prompt_tokens": 5, "completion_tokens": 1e9, "content_chunks": 42},
+                      response_bytes=9000))
+    assert (obs.completion_tokens, obs.usage_suspicious) == (42, True)
+
+
+def test_the_spool_helper_applies_the_same_rules() -> None:
+    assert usage(10, 20, None, 40, 80) == (10, 20, False)
+    assert usage(PROMPT_ALLOWANCE + 41, 20, None, 40, 80) == (10, 20, True)
+    assert usage(10, COMPLETION_ALLOWANCE + 81, 7, 40, 80) == (10, 7, True)
+    # 80 bytes + the allowance + 100 ms of generation
+    assert usage(10, COMPLETION_ALLOWANCE + 1080, None, 40, 80, latency_ms=100.0) == (10, COMPLETION_ALLOWANCE + 1080,
+                                                                                     False)
+    assert usage(10, COMPLETION_ALLOWANCE + 1081, None, 40, 80, latency_ms=100.0) == (10, 20, True)
+    assert usage(None, None, None, 0, 0) == (0, 0, True)
+
+
+# -- answers cut short -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "flag",
+    ["upstream_request_timeout", "upstream_remote_reset", "local_reset", "upstream_connection_termination",
+     "stream_idle_timeout", "upstream_max_stream_duration_reached", "upstream_protocol_error"],
+)
+def test_a_200_cut_short_is_a_failure_that_is_still_charged(flag: str) -> None:
+    e = entry(status=200, usage={"content_chunks": 17}, request_bytes=400, response_bytes=9000)
+    setattr(e.common_properties.response_flags, flag, True)
+    obs = parse(e)
+    assert obs.response_flags == flag and obs.cut
+    assert obs.ok is False and obs.charged is True
+    assert (obs.prompt_tokens, obs.completion_tokens, obs.usage_estimated) == (100, 17, True), \
+        "a stream cut before its usage chunk is estimated from its content chunks, not its bytes"
+    assert not obs.usage_suspicious
+
+
+def test_flags_that_do_not_cut_an_answer_leave_it_a_success() -> None:
+    e = entry(status=200)
+    e.common_properties.response_flags.delay_injected = True
+    obs = parse(e)
+    assert obs.response_flags == "delay_injected" and not obs.cut and obs.ok and obs.charged
+
+
+def test_every_cut_flag_is_an_envoy_flag() -> None:
+    names = {f.name for f in accesslog_pb2.ResponseFlags.DESCRIPTOR.fields}
+    long_names = {f for f in CUT_FLAGS if f.islower()}
+    assert long_names <= names
+    assert {f for f in CUT_FLAGS if f.isupper()} == {"UT", "SI", "UMSDR", "UR", "LR", "UC", "UPE"}
+
+
+@pytest.mark.parametrize("flag", ["downstream_connection_termination", "downstream_remote_reset"])
+def test_a_client_that_leaves_is_not_the_backends_failure(flag: str) -> None:
+    mid_answer = entry(status=200)
+    setattr(mid_answer.common_properties.response_flags, flag, True)
+    obs = parse(mid_answer)
+    assert obs.ok and not obs.abandoned, "hung up mid-answer: the backend was answering fine"
+    before_answer = entry(status=0)
+    setattr(before_answer.common_properties.response_flags, flag, True)
+    obs = parse(before_answer)
+    assert obs.abandoned, "left before any answer (an aborted upload): not counted for or against the backend"
+
+
+def test_short_codes_from_the_file_log_cut_too() -> None:
+    obs = parse(entry(status=200))._replace(response_flags="URX,UT")
+    assert obs.cut and not obs.ok and obs.charged
+    assert parse(entry(status=503))._replace(response_flags="UT").charged is False
 
 
 # -- the model ------------------------------------------------------------------------------------------
 
 def test_names_envoy_is_configured_with() -> None:
     assert (MODEL_HEADER, MODEL_TAG, MAX_MODEL_CHARS) == ("x-llm-model", "model", 256)
-    assert Observation._fields[-2:] == ("requested_model", "model")
+    assert Observation._fields[-3:] == ("requested_model", "model", "usage_suspicious")
 
 
 @pytest.mark.parametrize(

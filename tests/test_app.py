@@ -122,3 +122,61 @@ def test_drains_survive_a_restart(tmp_path):
 
     run_app(tmp_path, first)
     run_app(tmp_path, second)
+
+
+def test_api_bodies_are_bounded_and_bad_json_is_a_400(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000  # 200 KB: refused for its size before it is parsed
+    nested = "[" * 20_000 + "]" * 20_000  # 40 KB: within the size, too deep for the parser
+    paths = ("/v1/feedback", "/v1/pools/chat/backends/a/drain")
+
+    async def scenario(app, http, path, ports):
+        for url in paths:
+            async with http.post(url, data=deep, headers={"content-type": "application/json"}) as resp:
+                assert resp.status == 413, url
+                assert "too large" in (await resp.json())["error"]["message"]
+            async with http.post(url, data=nested, headers={"content-type": "application/json"}) as resp:
+                assert resp.status == 400, url
+                assert "nested too deeply" in (await resp.json())["error"]["message"]
+            async with http.post(url, data=b"\xff\xfe{", headers={"content-type": "application/json"}) as resp:
+                assert resp.status == 400 and "must be JSON" in (await resp.json())["error"]["message"]
+        padded = json.dumps({"force": False, "pad": " " * 60_000})  # under 64 KiB: read, then judged
+        async with http.post(paths[1], data=padded) as resp:
+            assert resp.status == 200
+        async with http.get("/healthz") as resp:
+            assert resp.status == 200
+        assert ("chat", "a") in app.reconciler.state.drained
+
+    run_app(tmp_path, scenario)
+
+
+def test_feedback_once_per_request_and_suspicious_usage_in_metrics(tmp_path):
+    from controlplane.telemetry.accesslog import parse
+
+    from .test_accesslog import entry
+
+    async def scenario(app, http, path, ports):
+        app.telemetry.observe_batch([
+            parse(entry(backend="a", request_id="r1", usage={"prompt_tokens": 1e18, "completion_tokens": 12.5})),
+            parse(entry(backend="b", request_id="r2", usage={"prompt_tokens": 5, "completion_tokens": 7})),
+        ])
+        async with http.post("/v1/feedback", json={"request_id": "r1", "score": 0.1}) as resp:
+            assert resp.status == 200 and (await resp.json())["backend"] == "a"
+        for _ in range(2):
+            async with http.post("/v1/feedback", json={"request_id": "r1", "score": 0.1}) as resp:
+                assert resp.status == 409
+                assert "already rated" in (await resp.json())["error"]["message"]
+        async with http.post("/v1/feedback", json={"request_id": "later", "score": 0.9}) as resp:
+            assert resp.status == 202
+        async with http.post("/v1/feedback", json={"request_id": "later", "score": 0.9}) as resp:
+            assert resp.status == 409, "a rating still waiting for its request counts"
+        async with http.post("/v1/feedback", json={"request_id": "x" * 129, "score": 0.9}) as resp:
+            assert resp.status == 400 and "128" in (await resp.json())["error"]["message"]
+        assert app.engine.stats[("chat", "a")].feedback_n == 1
+        async with http.get("/metrics") as resp:
+            text = await resp.text()
+        assert 'llm_lb_usage_suspicious_total{backend="a",pool="chat"} 1.0' in text
+        assert 'llm_lb_usage_suspicious_total{backend="b",pool="chat"} 0.0' in text
+        async with http.get("/v1/pools/chat/weights") as resp:
+            assert (await resp.json())["backends"]["a"]["usage_suspicious"] == 1
+
+    run_app(tmp_path, scenario)

@@ -47,9 +47,15 @@ def test_run_refuses_invalid_config_before_starting_anything(tmp_path):
 
 def test_bootstrap_is_accepted_by_envoy(tmp_path):
     out = tmp_path / "bootstrap.json"
-    result = cli("bootstrap", "--config", "configs/demo.yaml", "--output", str(out), "--xds-host", "controlplane")
+    token = tmp_path / "xds-token"
+    token.write_text("a-token-of-the-running-control-plane\n")
+    result = cli("bootstrap", "--config", "configs/demo.yaml", "--output", str(out), "--xds-host", "controlplane",
+                 "--token-file", str(token))
     assert result.returncode == 0, result.stderr
+    assert out.stat().st_mode & 0o077 == 0, "the bootstrap holds the token: owner-only"
     content = json.loads(out.read_text())
+    [ads] = content["dynamic_resources"]["ads_config"]["grpc_services"]
+    assert ads["initial_metadata"] == [{"key": "authorization", "value": "Bearer a-token-of-the-running-control-plane"}]
     xds = content["static_resources"]["clusters"][0]
     assert xds["type"] == "STRICT_DNS"
     assert xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {
@@ -61,3 +67,10 @@ def test_bootstrap_is_accepted_by_envoy(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_bootstrap_without_a_token_says_where_to_find_one(tmp_path):
+    result = cli("bootstrap", "--config", "configs/demo.yaml", "--output", str(tmp_path / "b.json"))
+    assert result.returncode == 2
+    assert "controlplane.xds.token is not set" in result.stderr and "xds-token" in result.stderr
+    assert not (tmp_path / "b.json").exists()

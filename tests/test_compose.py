@@ -15,10 +15,12 @@ from controlplane.config import load_config
 
 from .harness import ROOT
 
+ENV = {"LLM_LB_XDS_TOKEN": "compose-test-token-0123456789"}
+
 
 def test_checked_in_bootstrap_matches_generated():
-    config = load_config(ROOT / "configs" / "compose.yaml", env={})
-    expected = bootstrap(config, "compose-envoy", xds_host="controlplane")
+    config = load_config(ROOT / "configs" / "compose.yaml", env=ENV)
+    expected = bootstrap(config, "compose-envoy", xds_host="controlplane", token="__LLM_LB_XDS_TOKEN__")
     assert json.loads((ROOT / "envoy" / "bootstrap.json").read_text()) == expected
 
 
@@ -26,7 +28,7 @@ def test_compose_services_point_at_each_other():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     services = compose["services"]
     assert services["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
-    config = load_config(ROOT / "configs" / "compose.yaml", env={})
+    config = load_config(ROOT / "configs" / "compose.yaml", env=ENV)
     hosts = {b.host for p in config.pools.values() for b in p.backends.values()}
     assert hosts <= set(services), "every backend host is a compose service"
     for service in services.values():
@@ -40,6 +42,7 @@ def test_compose_services_point_at_each_other():
 )
 def test_compose_file_validates():
     result = subprocess.run(
-        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"], capture_output=True, text=True, timeout=60
+        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"], capture_output=True, text=True, timeout=60,
+        env={**os.environ, **ENV},
     )
     assert result.returncode == 0, result.stderr

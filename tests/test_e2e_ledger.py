@@ -1,4 +1,4 @@
-"""A control plane killed under load loses at most one flush interval of spend (plus Envoy's log buffer)."""
+"""A control plane killed under load: its ledger, before any recovery, lacks at most one flush interval of spend."""
 
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ def test_sigkill_under_load_loses_at_most_one_flush_interval(tmp_path, mocks):
             os.kill(cp.proc.pid, signal.SIGKILL)
             killed_at_total = load.statuses[200]
         cp.proc.wait(10)
-        assert load.statuses.keys() <= {200}, load.failures  # Envoy served on without its control plane
+        # The managed Envoy stops with its control plane (no orphan holds the port): later requests find no
+        # listener (status 0). What it served before is in its spool file, recovered at the next start
+        # (test_e2e_crash_spend.py); here only the ledger as the crash left it is checked.
+        assert load.statuses.keys() <= {200, 0}, load.failures
         backends_served = sum(http_json("GET", f"{m.url}/admin/stats")[1]["completions"] for m in (a, b))
         assert backends_served >= load.statuses[200]
 

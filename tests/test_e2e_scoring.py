@@ -234,11 +234,11 @@ def test_request_id_comes_back_and_unknown_feedback_waits(tmp_path, mocks):
         assert request_id
         conn.close()
 
-        def applied() -> bool:
-            code, body = http_json("POST", f"{cp.api}/v1/feedback", {"request_id": request_id, "score": 1.0})
-            return code == 200 and body["backend"] == "a"
-
-        wait_for(applied, what="the access log entry for the request")
-        assert Counter(weights_of(cp)["a"]["quality"]) and weights_of(cp)["a"]["quality"]["feedback"] >= 1
+        wait_for(lambda: weights_of(cp)["a"]["requests"] >= 1, what="the access log entry for the request")
+        code, body = http_json("POST", f"{cp.api}/v1/feedback", {"request_id": request_id, "score": 1.0})
+        assert code == 200 and body["backend"] == "a", body
+        code, body = http_json("POST", f"{cp.api}/v1/feedback", {"request_id": request_id, "score": 0.0})
+        assert code == 409, body  # one rating per request
+        assert Counter(weights_of(cp)["a"]["quality"]) and weights_of(cp)["a"]["quality"]["feedback"] == 1
     finally:
         cp.stop()

@@ -137,7 +137,7 @@ def test_a_ledger_without_models_is_migrated_keeping_every_row(tmp_path: Path) -
     finally:
         check.close()
     assert "model" in columns and key == ["hour", "pool", "backend", "model"]
-    assert tables == {"spend"}, "no table left over from the migration"
+    assert tables == {"spend", "spool"}, "no table left over from the migration"
     again = SqliteLedger(path)  # opening a migrated file changes nothing
     try:
         assert again.spend(0)[("chat", "a")] == Spend(9, 81, 101, 8.5)

@@ -168,7 +168,7 @@ def test_listener_uses_rds_over_ads_on_configured_address():
     manager.http_filters[2].typed_config.Unpack(lua)
     assert not lua.HasField("default_source_code") and resources.USAGE_SOURCE in lua.source_codes
     stripped = as_dict(manager.early_header_mutation_extensions[0].typed_config)
-    assert {m["remove"] for m in stripped["mutations"]} == {"x-llm-model", "x-llm-stream", "x-llm-lb-model"}
+    assert {m["remove"] for m in stripped["mutations"]} == {"x-llm-model", "x-llm-stream", "x-llm-lb-model", "x-request-id"}
 
 
 def test_builders_are_deterministic_and_weight_change_touches_only_eds():
@@ -434,3 +434,34 @@ def test_access_log_carries_requested_and_served_model():
     assert tags == {"backend": "backend", "model": "model"}
     mapper = as_dict(manager.local_reply_config.mappers[0])
     assert "2048 KiB" in mapper["body_format_override"]["json_format"]["error"]["message"]
+
+
+def test_the_managed_envoy_also_logs_each_request_to_its_spool_file():
+    from controlplane.reconciler import build as build_snapshot
+    from controlplane.state import DesiredState
+    from controlplane.telemetry import spool
+
+    config, _ = built()
+
+    def loggers(message) -> dict[str, dict]:
+        manager = hcm_pb2.HttpConnectionManager()
+        message.filter_chains[0].filters[0].typed_config.Unpack(manager)
+        return {log.name: as_dict(log.typed_config) for log in manager.access_log}
+
+    assert set(loggers(resources.listener(config))) == {"envoy.access_loggers.http_grpc"}, "no spool by default"
+    logged = loggers(resources.listener(config, spool_path="/state/spool.jsonl"))
+    file_log = logged["envoy.access_loggers.file"]
+    assert file_log["path"] == "/state/spool.jsonl"
+    line = file_log["log_format"]["json_format"]
+    assert tuple(sorted(line)) == tuple(sorted(spool.KEYS)), "what Envoy writes is what the spool reads"
+    assert line[spool.KEY_BACKEND] == "%UPSTREAM_METADATA(llm_lb:backend)%"
+    assert line[spool.KEY_PROMPT] == "%DYNAMIC_METADATA(llm_lb.usage:prompt_tokens)%"
+    assert line[spool.KEY_REQUESTED] == "%REQ(x-llm-model):256%"
+    built_with = resources.build(config, {}, ADDRESSES, spool_path="/s.jsonl")[typeurls.LISTENER]
+    assert "envoy.access_loggers.file" in loggers(built_with[resources.LISTENER_NAME])
+
+    state = DesiredState(config=config)
+    first = build_snapshot(state)
+    second = build_snapshot(state.replace(spool_path="/s.jsonl"), first, state)
+    assert first.version(typeurls.LISTENER) != second.version(typeurls.LISTENER)
+    assert first.version(typeurls.CLUSTER) == second.version(typeurls.CLUSTER), "only the listener is rebuilt"

@@ -135,8 +135,45 @@ class Alerts(_Model):
         return value
 
 
+class XdsTls(_Model):
+    """Mutual TLS between Envoy and the control plane: the option for Envoys on other hosts.
+
+    Paths are PEM files. The control plane presents `cert_file` and accepts only
+    clients whose certificate `ca_file` signed; Envoy presents `envoy_cert_file`
+    (paths as Envoy sees them) and checks the control plane's certificate
+    against the same CA and `server_name`.
+    """
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+    envoy_cert_file: str
+    envoy_key_file: str
+    server_name: str | None = None  # the name in the control plane's certificate; default: the xds address
+
+
+class XdsSettings(Address):
+    """The gRPC port Envoy streams from (ADS) and reports to (access log): every stream must authenticate.
+
+    `token` names an environment variable (`${LLM_LB_XDS_TOKEN}`); without one
+    the control plane makes a fresh token at each start and writes it to
+    `<state dir>/xds-token` (owner-only) for the Envoys it bootstraps.
+    """
+
+    port: int = Field(18000, ge=1, le=65535)
+    token: SecretStr | None = Field(None, repr=False)
+    tls: XdsTls | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,512}", value.get_secret_value()):
+            raise ValueError("token must be 16 to 512 letters, digits, '-' or '_' (e.g. openssl rand -hex 32)")
+        return value
+
+
 class ControlPlaneSettings(_Model):
-    xds: Address = Address(port=18000)
+    xds: XdsSettings = XdsSettings()
     api: Address = Address(port=8088)
     resolve_interval: Duration = timedelta(seconds=30)
     # Spend is written to the ledger this often, in one transaction; a crash loses at most this much.

@@ -67,6 +67,8 @@ class Engine:
         # What the last sync() removed: a reload that fails after syncing syncs back and finds it here.
         self._retired_stats: dict[tuple[str, str], BackendStats] = {}
         self._retired_pools: dict[str, PoolState] = {}
+        # Requests whose usage block could not be true (estimated instead), per (pool, backend).
+        self.usage_suspicious: dict[tuple[str, str], int] = {}
 
     def sync(self, config: Config) -> None:
         """Follow the config: new backends get stats, priors follow edits, removed ones go (kept one sync)."""
@@ -94,6 +96,8 @@ class Engine:
                     st.expected_latency_ms = backend.expected_latency_ms
         self._retired_stats = {key: self.stats.pop(key) for key in set(self.stats) - keep}
         self._retired_pools = {name: self.pools.pop(name) for name in set(self.pools) - set(config.pools)}
+        self.usage_suspicious = {key: n for key, n in self.usage_suspicious.items()
+                                 if key in self.stats or key in self._retired_stats}
 
     @property
     def config(self) -> Config:
@@ -103,19 +107,31 @@ class Engine:
     # -- observations -------------------------------------------------------
 
     def observe_request(
-        self, pool: str, backend: str, ok: bool, latency_ms: float, prompt_tokens: int = 0, completion_tokens: int = 0
+        self, pool: str, backend: str, ok: bool, latency_ms: float, prompt_tokens: int = 0, completion_tokens: int = 0,
+        charged: bool | None = None,
     ) -> float:
-        """Record one request; returns what it cost. Runs once per access-log entry: kept lean."""
+        """Record one request; returns what it cost. Runs once per access-log entry: kept lean.
+
+        `charged`: whether it costs, when that differs from `ok` (an answer cut short is a failure, but
+        the backend did the work)."""
         st = self.stats.get((pool, backend))
         p = self.config.pools.get(pool)
         cfg = p.backends.get(backend) if p is not None else None
         if cfg is None or st is None or p is None:
             return 0.0
-        cost = request_cost(cfg, prompt_tokens, completion_tokens) if ok else 0.0
+        cost = request_cost(cfg, prompt_tokens, completion_tokens) if (ok if charged is None else charged) else 0.0
         st.observe(ok, latency_ms, prompt_tokens, completion_tokens, cost)
         if p.strategy == "adaptive_learning":  # the only reader of the reward posterior
             st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), REWARD_DECAY)
         return cost
+
+    def observe_suspicious_usage(self, pool: str, backend: str) -> int:
+        """Count a request whose usage block could not be true; returns the backend's count (0: unknown)."""
+        key = (pool, backend)
+        if key not in self.stats:
+            return 0
+        count = self.usage_suspicious[key] = self.usage_suspicious.get(key, 0) + 1
+        return count
 
     def observe_feedback(self, pool: str, backend: str, score: float) -> bool:
         st = self.stats.get((pool, backend))
@@ -255,6 +271,7 @@ class Engine:
                                "expected": st.expected_latency_ms},
                 "error_rate": round(st.error_ewma, 4),
                 "requests": st.requests,
+                "usage_suspicious": self.usage_suspicious.get((pool, name), 0),
                 "cost": {"per_request_estimate": round(costs[name], 6), "spent": round(st.cost, 6)},
                 "quality": {"estimate": round(st.quality, 4), "prior": st.prior_quality, "feedback": st.feedback_n},
                 "reason": state.decision.reasons.get(name, "") if state.decision else "",

@@ -10,6 +10,12 @@ transaction off the event loop, so a crash loses at most one flush interval.
 
 The model is the served one ("" when neither the request nor the backend
 named one). Spend read per (pool, backend) sums over the models.
+
+The managed Envoy also writes every request to a spool file
+(telemetry/spool.py). The ledger keeps, in a one-row `spool` table, how many
+of the spool's lines the spend already holds (`covered`), written in the same
+transaction as that spend: so after a crash exactly the lines beyond it are
+charged again from the file, none twice.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .budget import HOUR
 
@@ -45,9 +51,24 @@ class Spend:
                      self.completion_tokens + other.completion_tokens, self.cost + other.cost)
 
 
+SpoolMark = tuple[int, int]  # generation, covered: how many spool lines the spend holds, in which generation
+
+
+class SpoolState(NamedTuple):
+    """The ledger's `spool` row."""
+
+    generation: int  # bumped by each recovery and rotation: a write of an older generation moves no count
+    covered: int  # lines of the current spool files (the rotated one first) whose spend the ledger holds
+    done: tuple[str, ...]  # spool file names already charged (or retired), still to be deleted
+    recovered: Spend  # all time: requests charged from the spool rather than from the gRPC access log
+
+
 class Ledger(Protocol):
-    def add(self, rows: Iterable[Row]) -> None:
-        """Add a batch of per-hour deltas in one transaction: all of it lands, or none."""
+    def add(self, rows: Iterable[Row], spool: SpoolMark | None = None) -> None:
+        """Add a batch of per-hour deltas in one transaction: all of it lands, or none.
+
+        With `spool=(generation, covered)` the spool count is written in the same transaction (only
+        while its generation is still the current one). Callers pass it only when they keep a spool."""
         ...
 
     def spend(self, since: float, pool: str | None = None) -> dict[Key, Spend]:
@@ -71,6 +92,10 @@ _CREATE = """CREATE TABLE IF NOT EXISTS {table} (
     requests INTEGER NOT NULL, prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL, cost REAL NOT NULL,
     PRIMARY KEY (hour, pool, backend, model))"""
+_CREATE_SPOOL = """CREATE TABLE IF NOT EXISTS spool (
+    id INTEGER PRIMARY KEY CHECK (id = 0), generation INTEGER NOT NULL, covered INTEGER NOT NULL,
+    done TEXT NOT NULL, recovered_requests INTEGER NOT NULL, recovered_prompt_tokens INTEGER NOT NULL,
+    recovered_completion_tokens INTEGER NOT NULL, recovered_cost REAL NOT NULL)"""
 _UPSERT = f"""INSERT INTO spend ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
    ON CONFLICT (hour, pool, backend, model) DO UPDATE SET
      requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens,
@@ -100,6 +125,8 @@ class SqliteLedger:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute(_CREATE.format(table="spend"))
+            db.execute(_CREATE_SPOOL)
+            db.execute("INSERT OR IGNORE INTO spool VALUES (0, 0, 0, '', 0, 0, 0, 0.0)")
             columns = {row[1] for row in db.execute("PRAGMA table_info(spend)")}
             if "model" not in columns:
                 db.execute("DROP TABLE IF EXISTS spend_migrating")
@@ -120,15 +147,52 @@ class SqliteLedger:
         """One request, written at once (tools and tests; the service writes batches)."""
         self.add([(int(at // HOUR), pool, backend, model, 1, prompt_tokens, completion_tokens, cost)])
 
-    def add(self, rows: Iterable[Row]) -> None:
+    def add(self, rows: Iterable[Row], spool: SpoolMark | None = None) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(_UPSERT, rows)
+                if spool is not None:
+                    generation, covered = spool
+                    self._db.execute("UPDATE spool SET covered = ? WHERE id = 0 AND generation = ?",
+                                     (covered, generation))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def spool_state(self) -> SpoolState:
+        with self._lock:
+            g, c, done, r, pt, ct, cost = self._db.execute(
+                "SELECT generation, covered, done, recovered_requests, recovered_prompt_tokens, "
+                "recovered_completion_tokens, recovered_cost FROM spool WHERE id = 0").fetchone()
+        return SpoolState(int(g), int(c), tuple(done.split()), Spend(int(r), int(pt), int(ct), float(cost)))
+
+    def set_spool(self, rows: Iterable[Row], *, generation: int, covered: int, done: Iterable[str] = (),
+                  recovered: Spend = Spend()) -> None:
+        """One transaction: spend rows, a new spool count and generation, the files left to delete, and
+        what of the spend came from the spool (added to the all-time sums)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(_UPSERT, rows)
+                self._db.execute(
+                    "UPDATE spool SET generation = ?, covered = ?, done = ?, "
+                    "recovered_requests = recovered_requests + ?, "
+                    "recovered_prompt_tokens = recovered_prompt_tokens + ?, "
+                    "recovered_completion_tokens = recovered_completion_tokens + ?, "
+                    "recovered_cost = recovered_cost + ? WHERE id = 0",
+                    (generation, covered, " ".join(done), recovered.requests, recovered.prompt_tokens,
+                     recovered.completion_tokens, recovered.cost))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def clear_spool_done(self) -> None:
+        """The files named in `done` are gone."""
+        with self._lock:
+            self._db.execute("UPDATE spool SET done = '' WHERE id = 0")
 
     def spend(self, since: float, pool: str | None = None) -> dict[Key, Spend]:
         query = ("SELECT pool, backend, SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost) "
@@ -169,6 +233,9 @@ class SpendBook:
     each per (pool, backend, model); read per (pool, backend) or per (pool, model).
 
     Counters are plain lists mutated in place: this is the per-request path.
+
+    With a spool (a managed Envoy), the pending state also holds the spool count: how many access-log
+    entries of that Envoy the book has taken in, against its current spool files (see `count_spooled`).
     """
 
     def __init__(self) -> None:
@@ -176,6 +243,8 @@ class SpendBook:
         self._hours: dict[tuple[int, str, str, str], list[float]] = {}
         self._pending: dict[tuple[int, str, str, str], list[float]] = {}
         self._models: dict[str, set[str]] = {}  # per pool, the model names kept on their own
+        self._spool: list[int] | None = None  # [generation, covered] while a spool is kept
+        self.recovered = Spend()  # all time: spend charged from the spool (loaded, then added to)
 
     @classmethod
     def load(cls, ledger: Ledger, now: float) -> SpendBook:
@@ -188,16 +257,19 @@ class SpendBook:
             book._hours[(hour, pool, backend, model)] = [requests, prompt, completion, cost]
         return book
 
-    def add(self, at: float, pool: str, backend: str, model: str, prompt_tokens: int, completion_tokens: int,
-            cost: float) -> None:
+    def _model(self, pool: str, model: str) -> str:
         models = self._models.get(pool)
         if models is None:
             models = self._models[pool] = set()
         if model not in models:
             if len(models) >= MAX_MODELS_PER_POOL:
-                model = OTHER_MODEL
-            else:
-                models.add(model)
+                return OTHER_MODEL
+            models.add(model)
+        return model
+
+    def add(self, at: float, pool: str, backend: str, model: str, prompt_tokens: int, completion_tokens: int,
+            cost: float) -> None:
+        model = self._model(pool, model)
         bucket = (int(at // HOUR), pool, backend, model)
         _bump(self._total, (pool, backend, model), 1, prompt_tokens, completion_tokens, cost)
         _bump(self._hours, bucket, 1, prompt_tokens, completion_tokens, cost)
@@ -213,9 +285,32 @@ class SpendBook:
         for hour, pool, backend, model, requests, prompt, completion, cost in rows:
             _bump(self._pending, (hour, pool, backend, model), requests, prompt, completion, cost)
 
+    def absorb(self, rows: Iterable[Row]) -> None:
+        """Rows already written to the ledger (a recovery): into the totals and hours, not pending."""
+        for hour, pool, backend, model, requests, prompt, completion, cost in rows:
+            model = self._model(pool, model)
+            _bump(self._total, (pool, backend, model), requests, prompt, completion, cost)
+            _bump(self._hours, (hour, pool, backend, model), requests, prompt, completion, cost)
+
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    # -- the spool count (a managed Envoy's spool file; telemetry/spool.py) ---------------------------------
+
+    def set_spool(self, generation: int, covered: int) -> None:
+        """Keep a spool count from now on, starting at what the ledger holds (or after a recovery/rotation)."""
+        self._spool = [generation, covered]
+
+    def count_spooled(self, entries: int) -> None:
+        """`entries` access-log entries of the managed Envoy taken in, their spend added in the same step."""
+        if self._spool is not None:
+            self._spool[1] += entries
+
+    def spool_mark(self) -> SpoolMark | None:
+        """(generation, covered) as of now, None without a spool. An absolute count, not a delta: a
+        failed write needs no giving back, the next write carries it."""
+        return (self._spool[0], self._spool[1]) if self._spool is not None else None
 
     def prune(self, now: float) -> None:
         oldest = int(now // HOUR) - KEEP_HOURS

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import grpc
@@ -26,11 +27,41 @@ from google.protobuf import duration_pb2, struct_pb2
 log = logging.getLogger("controlplane.telemetry")
 
 USAGE_NS = "llm_lb.usage"
-MAX_TOKENS = 10_000_000  # more than any model's context; beyond it a count is a lie or a bug
 CHARS_PER_TOKEN = 4  # for estimates when a response carries no usage block
 MODEL_HEADER = "x-llm-model"  # the requested model: Envoy logs it via additional_request_headers_to_log
 MODEL_TAG = "model"  # the served model, when the backend has a name of its own for it (a custom tag)
 MAX_MODEL_CHARS = 256  # the requested name is the client's: a bound on what it may make us keep
+
+# A backend reports its own usage, so a count is used only when the request could have cost it: a whole
+# number from 0 to MAX_TOKENS, and no more than the bytes that carried the text (a token is at least
+# about one byte of it) plus an allowance for what a request costs without carrying it:
+#   prompt_tokens     <= request body bytes + PROMPT_ALLOWANCE
+#                        (chat template, images or files named by URL or id)
+#   completion_tokens <= response body bytes + COMPLETION_ALLOWANCE
+#                        + GENERATION_TOKENS_PER_SECOND x the request's duration
+#                        (reasoning tokens are billed but not sent; generating them takes time)
+# Any other count (negative, NaN, infinite, fractional, not a number, over a bound) is replaced by the
+# estimate, as if absent, and the observation is marked `usage_suspicious` (counted per backend,
+# llm_lb_usage_suspicious_total). So a request is charged at most what it carried plus the allowances.
+MAX_TOKENS = 10_000_000  # more than any model's context; beyond it a count is a lie or a bug
+PROMPT_ALLOWANCE = 32_768
+COMPLETION_ALLOWANCE = 4_096
+GENERATION_TOKENS_PER_SECOND = 10_000  # several times the fastest single stream served today
+_TOKENS_PER_MS = GENERATION_TOKENS_PER_SECOND / 1000
+
+# Response flags of an answer cut short by a timeout or a reset on the backend's side. The status can
+# still be 200 (the headers had gone out), but the answer did not arrive whole: not a success for the
+# scores, though it is charged (the backend did the work). Long names are the gRPC log's (fields of
+# envoy.data.accesslog.v3.ResponseFlags), short codes the file log's (%RESPONSE_FLAGS%).
+CUT_FLAGS = frozenset({  # the backend's side failed; a client that hangs up (DC, DR, DPE, DT) is not its fault
+    "upstream_request_timeout", "stream_idle_timeout", "upstream_max_stream_duration_reached",
+    "upstream_remote_reset", "local_reset", "upstream_connection_termination", "upstream_protocol_error",
+    "UT", "SI", "UMSDR", "UR", "LR", "UC", "UPE",
+})
+# The client went away (hung up, reset, sent garbage): before any answer, nothing about the backend is known.
+CLIENT_FLAGS = frozenset({
+    "downstream_connection_termination", "downstream_remote_reset", "downstream_protocol_error", "DC", "DR", "DPE",
+})
 
 
 class Observation(NamedTuple):
@@ -49,10 +80,30 @@ class Observation(NamedTuple):
     quality_header: float | None
     requested_model: str  # as the app asked for it; "" when the request named none
     model: str  # as served: the backend's own name for it, else the requested one; "" when neither
+    usage_suspicious: bool = False  # a count was reported but could not be true: estimated instead
+
+    @property
+    def charged(self) -> bool:
+        """The backend answered, so the request costs: also when its answer was cut short."""
+        return 0 < self.status < 500 and self.status != 429
+
+    @property
+    def cut(self) -> bool:
+        """The answer was cut short after it began (CUT_FLAGS)."""
+        flags = self.response_flags
+        return bool(flags) and not CUT_FLAGS.isdisjoint(flags.split(","))
+
+    @property
+    def abandoned(self) -> bool:
+        """The client left before any answer (e.g. aborted its own upload): neither a success nor the backend's
+        failure, so it must not count in the scores (nor could it in Envoy's outlier detection)."""
+        flags = self.response_flags
+        return self.status == 0 and bool(flags) and not CLIENT_FLAGS.isdisjoint(flags.split(","))
 
     @property
     def ok(self) -> bool:
-        return 0 < self.status < 500 and self.status != 429
+        """A success for the scores (errors, latency): answered, and not cut short."""
+        return 0 < self.status < 500 and self.status != 429 and not (self.response_flags and self.cut)
 
 
 def _ms(duration: duration_pb2.Duration) -> float:
@@ -64,12 +115,58 @@ def _flags(flags: accesslog_pb2.ResponseFlags) -> str:
 
 
 def _count(value: struct_pb2.Value) -> int | None:
-    """A token count as the usage filter found it; anything but a plausible count is treated as absent
-    (the request is then estimated), so a lying backend cannot make a request free or ruin a budget."""
+    """A token count as the usage filter found it: token_count() of a number, else None."""
     if not value.HasField("number_value"):
         return None
     number = value.number_value
-    return int(number) if 0 <= number <= MAX_TOKENS else None
+    if 0 <= number <= MAX_TOKENS:  # false for NaN too
+        count = int(number)
+        if count == number:
+            return count
+    return None
+
+
+def token_count(number: object) -> int | None:
+    """A reported token count if it is a whole number from 0 to MAX_TOKENS, else None (shared with the
+    spool's reader)."""
+    if isinstance(number, bool) or not isinstance(number, int | float):
+        return None
+    if not 0 <= number <= MAX_TOKENS:  # false for NaN too
+        return None
+    count = int(number)
+    return count if count == number else None
+
+
+def plausible(prompt: int | None, completion: int | None, request_body_bytes: int, response_body_bytes: int,
+              latency_ms: float = 0.0) -> tuple[int | None, int | None]:
+    """The counts the request could have cost (the rule above); one it could not have is None.
+    `latency_ms` 0 (unknown): no allowance for time."""
+    if prompt is not None and prompt > request_body_bytes + PROMPT_ALLOWANCE:
+        prompt = None
+    if completion is not None and completion > (response_body_bytes + COMPLETION_ALLOWANCE
+                                                + max(0.0, latency_ms) * _TOKENS_PER_MS):
+        completion = None
+    return prompt, completion
+
+
+def _estimate(prompt: int | None, completion: int | None, chunks: int | None, request_body_bytes: int,
+              response_body_bytes: int) -> tuple[int, int]:
+    if prompt is None:
+        prompt = max(1, request_body_bytes // CHARS_PER_TOKEN) if request_body_bytes else 0
+    if completion is None:
+        # A streamed chunk carries about one token (the only measure of a stream cut before its usage
+        # chunk); a plain body about 4 characters per token.
+        completion = chunks if chunks is not None else response_body_bytes // CHARS_PER_TOKEN
+    return prompt, completion
+
+
+def usage(prompt: int | None, completion: int | None, chunks: int | None, request_body_bytes: int,
+          response_body_bytes: int, latency_ms: float = 0.0) -> tuple[int, int, bool]:
+    """(prompt, completion, estimated): the counts reported if plausible(), else estimates from the body sizes."""
+    prompt, completion = plausible(prompt, completion, request_body_bytes, response_body_bytes, latency_ms)
+    if prompt is None or completion is None:
+        return (*_estimate(prompt, completion, chunks, request_body_bytes, response_body_bytes), True)
+    return prompt, completion, False
 
 
 def _quality(raw: str) -> float | None:
@@ -85,23 +182,37 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
     common = entry.common_properties
     request = entry.request
     response = entry.response
-    prompt = completion = chunks = None
+    prompt: int | None = None
+    completion: int | None = None
+    chunks: int | None = None
+    suspicious = False
     metadata = common.metadata.filter_metadata
     if USAGE_NS in metadata:
         fields = metadata[USAGE_NS].fields
         if "prompt_tokens" in fields:
             prompt = _count(fields["prompt_tokens"])
+            suspicious = prompt is None
         if "completion_tokens" in fields:
             completion = _count(fields["completion_tokens"])
+            if completion is None:
+                suspicious = True
         if "content_chunks" in fields:
             chunks = _count(fields["content_chunks"])
-    estimated = prompt is None or completion is None
-    if prompt is None:
-        body = request.request_body_bytes
-        prompt = max(1, body // CHARS_PER_TOKEN) if body else 0
-    if completion is None:
-        # A streamed chunk carries about one token; a plain body about 4 characters per token.
-        completion = chunks if chunks is not None else response.response_body_bytes // CHARS_PER_TOKEN
+    latency = _ms(common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte")
+                  else common.duration)
+    # A count within its allowance is plausible whatever the body: only a larger one needs the body sizes.
+    if (prompt is not None and prompt > PROMPT_ALLOWANCE) or (completion is not None
+                                                               and completion > COMPLETION_ALLOWANCE):
+        checked = plausible(prompt, completion, request.request_body_bytes, response.response_body_bytes, latency)
+        if checked != (prompt, completion):
+            suspicious = True
+            prompt, completion = checked
+    if prompt is None or completion is None:
+        estimated = True
+        prompt, completion = _estimate(prompt, completion, chunks, request.request_body_bytes,
+                                       response.response_body_bytes)
+    else:
+        estimated = False
     headers = response.response_headers
     raw_quality = headers.get("x-quality-score") if headers else None
     request_headers = request.request_headers
@@ -115,8 +226,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         common.upstream_cluster,
         tags.get("backend", "") if served else "",
         response.response_code.value,
-        _ms(common.time_to_last_downstream_tx_byte if common.HasField("time_to_last_downstream_tx_byte")
-            else common.duration),
+        latency,
         _ms(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None,
         prompt,
         completion,
@@ -125,36 +235,77 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         _quality(raw_quality) if raw_quality else None,
         requested,
         model,
+        suspicious,
     )
+
+
+MAX_NODES = 256  # node ids named in the stream counts; any further ones are counted together
+OTHER_NODE = "(other)"
+
+
+@dataclass(eq=False)
+class Stream:
+    """One access-log stream. Each Envoy worker thread opens its own, and opens a new one after a break."""
+
+    seq: int  # in the order streams were opened, from 1
+    node: str = ""  # the Envoy's node id, from the stream's first message ("" until it arrives)
+    entries: int = 0  # entries received on it, whether or not they could be read
+
+
+# A batch of observations, the stream it came on, and how many entries its message held (some may not
+# have been readable) -> how many of them could not be used.
+Sink = Callable[[list[Observation], Stream, int], int]
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Stream-unary: iterate the stream and return once (an async generator would drop everything).
 
-    Each message's entries go to the sink as one batch.
+    Each message's entries go to the sink as one batch, with the stream they came on (its node id
+    names the Envoy). Streams are counted per node: every stream after a node's first ones is a
+    reconnect, and entries Envoy held while it had no stream may be lost (`logs_dropped` in Envoy).
     """
 
-    def __init__(self, sink: Callable[[list[Observation]], int]) -> None:
-        """`sink` uses a batch and returns how many of its entries it could not use."""
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.messages = 0  # entries / messages: how well Envoy batches (each message has a fixed cost here)
         self.entries = 0
         self.errors = 0
+        self.opened = 0  # streams ever opened (the latest one's seq)
+        self.streams: dict[str, int] = {}  # per node id: streams opened
+        self._open: dict[int, Stream] = {}
+
+    def open_streams(self, node: str) -> int:
+        """Streams of `node` open now."""
+        return sum(1 for s in self._open.values() if s.node == node)
 
     async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
     ) -> als_pb2.StreamAccessLogsResponse:
+        self.opened += 1
+        stream = self._open[self.opened] = Stream(self.opened)
         try:
             async for message in request_iterator:
+                if not stream.node and message.HasField("identifier"):
+                    self._named(stream, message.identifier.node.id)
                 if message.HasField("http_logs"):
-                    self.receive(message.http_logs.log_entry)
+                    self.receive(message.http_logs.log_entry, stream)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
             pass
+        finally:
+            del self._open[stream.seq]
         return als_pb2.StreamAccessLogsResponse()
 
-    def receive(self, entries: Sequence[accesslog_pb2.HTTPAccessLogEntry]) -> None:
+    def _named(self, stream: Stream, node: str) -> None:
+        stream.node = node[:MAX_MODEL_CHARS] or "(unnamed)"
+        label = stream.node if stream.node in self.streams or len(self.streams) < MAX_NODES else OTHER_NODE
+        self.streams[label] = self.streams.get(label, 0) + 1
+
+    def receive(self, entries: Sequence[accesslog_pb2.HTTPAccessLogEntry], stream: Stream | None = None) -> None:
+        if stream is None:
+            stream = Stream(0)
         self.messages += 1
         self.entries += len(entries)
+        stream.entries += len(entries)
         batch: list[Observation] = []
         append = batch.append
         for entry in entries:
@@ -164,7 +315,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
                 self.errors += 1
                 log.exception("cannot read an access log entry")
         try:
-            self.errors += self.sink(batch)
+            self.errors += self.sink(batch, stream, len(entries))
         except Exception:  # the stream must outlive a bug in the sink
             self.errors += len(batch)
             log.exception("cannot use a batch of %d access log entries", len(batch))

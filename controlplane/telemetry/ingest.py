@@ -3,6 +3,13 @@
 Access-log entries arrive in batches; each costs a few dict operations here
 (stats, in-memory spend, who served it). Nothing on this path touches the
 disk: the ledger is written once per flush interval (controllers/spend.py).
+
+Every request a backend answered is charged, whatever its usage block said
+(accesslog.parse() has replaced counts that could not be true by estimates,
+and marked them suspicious): also an answer cut short by a timeout or a
+reset, which counts as a failure for the scores while the backend did the
+work. The engine's spend and the book's are added from the same cost, so
+they always agree.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from ..scoring.engine import Engine
 from ..scoring.ledger import SpendBook
 from .accesslog import Observation
 from .health import Verdict
-from .requests import RequestIndex
+from .requests import AlreadyRatedError, RequestIndex
 
 log = logging.getLogger("controlplane.telemetry")
 
@@ -39,12 +46,17 @@ class Telemetry:
             pool, backend = obs.pool, obs.backend
             if not backend or pool not in pools:
                 continue  # answered by Envoy itself (overflow, budget, no host): no backend to score
+            if not obs.status and obs.abandoned:
+                continue  # the client left before any answer: not the backend's doing
             try:
                 ok = obs.ok
+                charged = ok or obs.charged  # a failure may still have cost: an answer cut short
                 cost = engine.observe_request(pool, backend, ok, obs.latency_ms, obs.prompt_tokens,
-                                              obs.completion_tokens)
-                if ok:
+                                              obs.completion_tokens, charged)
+                if charged:
                     spend.add(at, pool, backend, obs.model, obs.prompt_tokens, obs.completion_tokens, cost)
+                if obs.usage_suspicious:
+                    self._suspicious(obs)
                 if obs.quality_header is not None:
                     engine.observe_feedback(pool, backend, obs.quality_header)
                 if obs.request_id:
@@ -56,16 +68,29 @@ class Telemetry:
                 log.exception("cannot use the access log entry of request %r", obs.request_id[:64])
         return failed
 
+    def _suspicious(self, obs: Observation) -> None:
+        count = self.engine.observe_suspicious_usage(obs.pool, obs.backend)
+        if count and count & (count - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a lying backend cannot flood the log
+            log.warning("%s/%s reported usage that cannot be true (%d requests so far); request %r estimated "
+                        "instead at %d prompt and %d completion tokens", obs.pool, obs.backend, count,
+                        obs.request_id[:64], obs.prompt_tokens, obs.completion_tokens)
+
     def feedback(self, request_id: str, score: float) -> dict[str, Any]:
-        served = self.requests.lookup(request_id)
+        """Apply a rating, or keep it until the request's entry arrives; each request is rated once
+        (status "duplicate" for a second rating)."""
+        try:
+            served = self.requests.rate(request_id)
+        except AlreadyRatedError:
+            return {"request_id": request_id, "status": "duplicate",
+                    "detail": "this request was already rated; each request can be rated once"}
         if served is None:
             self.requests.wait(request_id, score)
             return {"request_id": request_id, "status": "pending",
                     "detail": "request not seen yet; applied when its access log entry arrives"}
         self.engine.observe_feedback(served.pool, served.backend, score)
-        quality = self.engine.stats[(served.pool, served.backend)].quality
+        stats = self.engine.stats.get((served.pool, served.backend))  # None: the backend was since removed
         return {"request_id": request_id, "status": "applied", "pool": served.pool, "backend": served.backend,
-                "quality": round(quality, 4)}
+                "quality": round(stats.quality, 4) if stats is not None else None}
 
     def observe_health(self, pool: str, backend: str, verdict: Verdict) -> None:
         stats = self.engine.stats.get((pool, backend))

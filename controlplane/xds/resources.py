@@ -29,6 +29,7 @@ from envoy.config.core.v3 import substitution_format_string_pb2 as format_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2 as j2m_pb2
@@ -53,10 +54,11 @@ from envoy.type.v3 import percent_pb2, range_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from ..bootstrap import XDS_CLUSTER
+from ..bootstrap import AUTH_HEADER, XDS_CLUSTER
 from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool
 from ..state import Addresses, Drained, Weights
-from ..telemetry.accesslog import MODEL_HEADER, MODEL_TAG, USAGE_NS
+from ..telemetry import spool
+from ..telemetry.accesslog import MAX_MODEL_CHARS, MODEL_HEADER, MODEL_TAG, USAGE_NS
 from . import typeurls
 
 LISTENER_NAME = "ingress"
@@ -117,8 +119,8 @@ def endpoints(config: Config, weights: Weights, addresses: Addresses, drained: D
     }
 
 
-def listeners(config: Config) -> dict[str, Message]:
-    return {LISTENER_NAME: listener(config)}
+def listeners(config: Config, xds_token: str = "", spool_path: str | None = None) -> dict[str, Message]:
+    return {LISTENER_NAME: listener(config, xds_token, spool_path)}
 
 
 def routes(config: Config, rejected: Mapping[str, str] | None = None) -> dict[str, Message]:
@@ -131,12 +133,14 @@ def build(
     addresses: Addresses,
     drained: Drained = frozenset(),
     rejected: Mapping[str, str] | None = None,
+    xds_token: str = "",
+    spool_path: str | None = None,
 ) -> dict[str, dict[str, Message]]:
     """Every resource Envoy needs, keyed by type URL and resource name."""
     return {
         typeurls.CLUSTER: clusters(config),
         typeurls.ENDPOINT: endpoints(config, weights, addresses, drained),
-        typeurls.LISTENER: listeners(config),
+        typeurls.LISTENER: listeners(config, xds_token, spool_path),
         typeurls.ROUTE: routes(config, rejected),
     }
 
@@ -206,12 +210,13 @@ def _usage_filter() -> hcm_pb2.HttpFilter:
 
 
 def _strip_internal_headers() -> list[extension_pb2.TypedExtensionConfig]:
-    """Before routing: a client cannot choose a pool or a rewrite by sending our headers itself."""
+    """Before routing: a client cannot choose a pool or a rewrite by sending our headers itself, nor the
+    request id (Envoy makes one for every request: feedback names it, so a client must not pick it)."""
     return [extension_pb2.TypedExtensionConfig(
         name="llm_lb.strip",
         typed_config=_any(early_mutation_pb2.HeaderMutation(mutations=[
             mutation_rules_pb2.HeaderMutation(remove=name)
-            for name in (MODEL_HEADER, STREAM_HEADER, UPSTREAM_MODEL_HEADER)
+            for name in (MODEL_HEADER, STREAM_HEADER, UPSTREAM_MODEL_HEADER, "x-request-id")
         ])),
     )]
 
@@ -237,7 +242,15 @@ def _json_error(message: str, kind: str, code: str, param: str | None = None) ->
     return format_pb2.SubstitutionFormatString(json_format=_struct({"error": error}))
 
 
-def _access_log() -> accesslog_pb2.AccessLog:
+def control_plane_service(xds_token: str) -> grpc_service_pb2.GrpcService:
+    """The way to the control plane, with the token it requires on every stream (ADS and access log)."""
+    service = grpc_service_pb2.GrpcService(envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER))
+    if xds_token:
+        service.initial_metadata.add(key=AUTH_HEADER, value=f"Bearer {xds_token}")
+    return service
+
+
+def _access_log(xds_token: str) -> accesslog_pb2.AccessLog:
     """Every request, batched, to the control plane over the ADS cluster (gRPC ALS)."""
     backend_tag = _host_tag("backend", "backend")
     return accesslog_pb2.AccessLog(
@@ -246,9 +259,7 @@ def _access_log() -> accesslog_pb2.AccessLog:
             als_pb2.HttpGrpcAccessLogConfig(
                 common_config=als_pb2.CommonGrpcAccessLogConfig(
                     log_name="llm_lb",
-                    grpc_service=grpc_service_pb2.GrpcService(
-                        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER)
-                    ),
+                    grpc_service=control_plane_service(xds_token),
                     transport_api_version=config_source_pb2.ApiVersion.V3,
                     buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
                     custom_tags=[backend_tag, _host_tag(MODEL_TAG, _MODEL_KEY)],
@@ -257,6 +268,38 @@ def _access_log() -> accesslog_pb2.AccessLog:
                 additional_response_headers_to_log=["x-quality-score"],
             )
         ),
+    )
+
+
+def spool_log(path: str) -> accesslog_pb2.AccessLog:
+    """Every request, also as one JSON line in a local file: what its spend needs, nothing more.
+
+    The control plane charges from it what never reached it over gRPC (telemetry/spool.py). Numbers
+    come out as JSON numbers, absent values as null; Envoy escapes strings as JSON.
+    """
+    def usage(key: str) -> str:
+        return f"%DYNAMIC_METADATA({USAGE_NS}:{key})%"
+
+    line = {
+        spool.KEY_ID: "%REQ(X-REQUEST-ID)%",
+        spool.KEY_TIME: "%START_TIME(%s)%",
+        spool.KEY_POOL: "%UPSTREAM_CLUSTER%",
+        spool.KEY_BACKEND: f"%UPSTREAM_METADATA({METADATA_NS}:backend)%",
+        spool.KEY_MODEL: f"%UPSTREAM_METADATA({METADATA_NS}:{_MODEL_KEY})%",
+        spool.KEY_REQUESTED: f"%REQ({MODEL_HEADER}):{MAX_MODEL_CHARS}%",
+        spool.KEY_STATUS: "%RESPONSE_CODE%",
+        spool.KEY_FLAGS: "%RESPONSE_FLAGS%",
+        spool.KEY_RECEIVED: "%BYTES_RECEIVED%",
+        spool.KEY_SENT: "%BYTES_SENT%",
+        spool.KEY_DURATION: "%DURATION%",
+        spool.KEY_PROMPT: usage("prompt_tokens"),
+        spool.KEY_COMPLETION: usage("completion_tokens"),
+        spool.KEY_CHUNKS: usage("content_chunks"),
+    }
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.file",
+        typed_config=_any(file_pb2.FileAccessLog(
+            path=path, log_format=format_pb2.SubstitutionFormatString(json_format=_struct(line)))),
     )
 
 
@@ -271,7 +314,7 @@ def _host_tag(tag: str, key: str) -> custom_tag_pb2.CustomTag:
     )
 
 
-def listener(config: Config) -> listener_pb2.Listener:
+def listener(config: Config, xds_token: str = "", spool_path: str | None = None) -> listener_pb2.Listener:
     """Every request passes: strip our headers, copy model/stream from the body, (re)route, forward.
 
     Usage is read natively from JSON answers; the Lua scanner runs only on
@@ -290,8 +333,12 @@ def listener(config: Config) -> listener_pb2.Listener:
             hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ],
         local_reply_config=_local_replies(addr.per_connection_buffer_limit_kb),
-        access_log=[_access_log()],
+        access_log=[_access_log(xds_token), *([spool_log(spool_path)] if spool_path else [])],
         always_set_request_id_in_response=True,
+        # Route on the path the backend will resolve: `/v1/../admin` must not reach a `/v1/` pool.
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD,
         max_request_headers_kb=wrappers_pb2.UInt32Value(value=addr.max_request_headers_kb),
         request_headers_timeout=_duration(addr.request_headers_timeout),
         common_http_protocol_options=protocol_pb2.HttpProtocolOptions(

@@ -17,7 +17,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -211,6 +211,7 @@ class XdsStats:
     pushes: dict[str, int] = field(default_factory=dict)
     acks: dict[str, int] = field(default_factory=dict)
     nacks: dict[str, int] = field(default_factory=dict)
+    unauthenticated: dict[str, int] = field(default_factory=dict)  # streams refused, by service (xds/auth.py)
 
     @staticmethod
     def bump(counter: dict[str, int], type_url: str) -> None:
@@ -439,21 +440,31 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
 
 async def start_server(
-    cache_server: AdsServer, address: str, port: int, extra: Callable[[grpc.aio.Server], None] | None = None
+    cache_server: AdsServer,
+    address: str,
+    port: int,
+    extra: Callable[[grpc.aio.Server], None] | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.aio.Server:
-    """The gRPC server Envoy talks to: ADS, plus whatever `extra` adds (the access log service)."""
+    """The gRPC server Envoy talks to: ADS, plus whatever `extra` adds (the access log service).
+
+    `interceptors` authenticate each stream (xds/auth.py); `credentials` make the port TLS (mTLS).
+    """
     server = grpc.aio.server(
+        interceptors=list(interceptors),
         options=[
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-        ]
+        ],
     )
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(cache_server, server)
     if extra is not None:
         extra(server)
-    bound = server.add_insecure_port(f"{address}:{port}")
+    target = f"{address}:{port}"
+    bound = server.add_secure_port(target, credentials) if credentials else server.add_insecure_port(target)
     if bound == 0:
         raise OSError(f"cannot listen for xDS on {address}:{port}")
     await server.start()
