@@ -70,6 +70,7 @@ class App:
         self.engine.sync(config)
         self.ledger = SqliteLedger(state_dir / "ledger.sqlite3")
         self.spend = SpendBook.load(self.ledger, time.time())
+        self.spend.recovered = self.ledger.spool_state().recovered  # all time, also shown without a spool
         self.flusher = SpendFlusher(self.spend, self.ledger,
                                     lambda: self.config().controlplane.spend_flush_interval.total_seconds())
         self.requests = RequestIndex()

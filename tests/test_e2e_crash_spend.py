@@ -98,10 +98,14 @@ def test_sigkill_under_load_recovers_the_spend_from_the_spool(tmp_path: Path, mo
         print(f"served {served}, ledger {charged}, recovered {recovered} (cost {cost['recovered_cost']}), "
               f"client outcomes {dict(load.statuses)}")
         assert recovered > 0, "the spool charged what the ledger lacked"
+        assert sum(charged.values()) >= load.statuses[200], "every answer a client got is charged"
+        # Short at most of the requests in flight at the kill (one per client); each may have reached a
+        # backend twice (Envoy retries an attempt reset by its shutdown on the other backend).
+        in_flight = 2 * CLIENTS
         missing = sum(served.values()) - sum(charged.values())
-        assert 0 <= missing <= CLIENTS, f"ledger {charged} against served {served}: at most the requests in flight"
-        for name in served:
-            assert abs(served[name] - charged.get(name, 0)) <= CLIENTS, (name, served, charged)
+        assert 0 <= missing <= in_flight, f"ledger {charged} against served {served}"
+        for name in served:  # attribution among the last ~0.2 s of requests may swap (telemetry/spool.py)
+            assert abs(served[name] - charged.get(name, 0)) <= in_flight, (name, served, charged)
         code, metrics = http_json("GET", f"{second.api}/metrics")
         assert f"llm_lb_spend_recovered_requests_total {float(recovered)}" in metrics
         assert 'llm_lb_access_log_streams_total{node="llm-lb-local"}' in metrics

@@ -229,6 +229,14 @@ def test_recovery_reads_the_rotated_file_first(tmp_path: Path, ledger: SqliteLed
     assert not spool.rotated.exists() and not spool.path.exists()
 
 
+def test_a_count_beyond_the_file_charges_nothing(tmp_path: Path, ledger: SqliteLedger) -> None:
+    spool, book, _ = make_spool(tmp_path, ledger)
+    write_lines(spool.path, ["a"] * 5)
+    book.count_spooled(9)  # the gRPC log had lines the file never got (an Envoy that crashed)
+    assert spool.recover() == Spend()
+    assert ledger.spool_state().covered == 0 and not spool.path.exists()
+
+
 def test_a_failed_recovery_changes_nothing(tmp_path: Path, ledger: SqliteLedger) -> None:
     spool, book, _ = make_spool(tmp_path, ledger)
     write_lines(spool.path, ["a"] * 3)

@@ -183,10 +183,19 @@ def count_lines(path: Path) -> int:
     return lines + (last != b"\n")
 
 
-def _lines(paths: list[Path]) -> Iterator[bytes]:
+def _lines(paths: list[Path], skip: int) -> Iterator[tuple[int, bytes | None]]:
+    """(number, line) of `paths` read as one sequence, from 1; lines up to `skip` come as (number, None),
+    whole files of them counted in bulk rather than read line by line."""
+    number = 0
     for path in paths:
+        if skip - number >= (count := count_lines(path)):
+            number += count
+            yield number, None
+            continue
         with open(path, "rb") as f:
-            yield from f
+            for line in f:
+                number += 1
+                yield number, (line if number > skip else None)
 
 
 class Writer(Protocol):
@@ -219,7 +228,6 @@ class Spool:
         self._line_counts: dict[tuple[int, int], int] = {}  # (inode, size) of the rotated file -> its lines
         state = ledger.spool_state()
         book.set_spool(state.generation, state.covered)
-        book.recovered = state.recovered
         self._done = state.done
 
     @property
@@ -301,11 +309,11 @@ class Spool:
         lines = unreadable = 0
         requests = prompt = completion = 0
         cost = 0.0
-        for raw in _lines(files):
-            if upto is not None and lines >= upto:
+        for lines, raw in _lines(files, skip):
+            if upto is not None and lines > upto:
+                lines = upto
                 break
-            lines += 1
-            if lines <= skip:
+            if raw is None:
                 continue
             try:
                 record = json.loads(raw)
@@ -358,6 +366,12 @@ class Spool:
 
     async def maintain(self) -> None:
         """One rotation step, if one is due (see the module docstring)."""
+        try:
+            await self._maintain()
+        except FileNotFoundError:
+            pass  # a recovery (an Envoy restart) took the files meanwhile: nothing left to rotate
+
+    async def _maintain(self) -> None:
         self._delete_done()
         generation = self.generation
         if self.rotated.exists():
@@ -383,7 +397,9 @@ class Spool:
         """Delete the rotated file, its lines taken off the count, in one transaction with the pending
         spend; lines of it never covered (entries Envoy dropped) are charged as recovered."""
         generation, covered = self.generation, self.covered
-        scratch, spent, _, _ = self._charge([self.rotated], covered, lines)
+        scratch, spent = SpendBook(), Spend()
+        if covered < lines:
+            scratch, spent, _, _ = self._charge([self.rotated], covered, lines)
         pending = self.book.take_pending()
         recovered = scratch.take_pending()
         left = max(0, covered - lines)
