@@ -44,14 +44,6 @@ from .xds.server import AdsServer, SnapshotCache, start_server
 log = logging.getLogger("controlplane")
 
 
-class _SpoolingEnvoy(EnvoyProcess):
-    """Our Envoy, its file logs (the spool) written at once (spool.ENVOY_FLAGS). Envoy's flags are
-    EnvoyProcess's business: this belongs there as an option once it has one."""
-
-    def command(self) -> list[str]:
-        return [*super().command(), *ENVOY_FLAGS]
-
-
 class App:
     def __init__(self, config_path: Path, config: Config, *, state_dir: Path, run_envoy: bool = True,
                  node_id: str = "llm-lb-local", watch_interval: float = 0.1) -> None:
@@ -136,9 +128,10 @@ class App:
         if self._run_envoy:
             path = write_bootstrap(self.state_dir / "envoy-bootstrap.json",
                                    bootstrap(cfg, self.node_id, token=self.xds_token))
-            self.envoy = _SpoolingEnvoy(path, self.state_dir / "envoy.log", log_level=cfg.envoy.log_level,
-                                        concurrency=cfg.envoy.concurrency, pid_file=self.state_dir / "envoy.pid",
-                                        before_spawn=self.spool.before_spawn if self.spool else None)
+            self.envoy = EnvoyProcess(path, self.state_dir / "envoy.log", log_level=cfg.envoy.log_level,
+                                      concurrency=cfg.envoy.concurrency, pid_file=self.state_dir / "envoy.pid",
+                                      before_spawn=self.spool.before_spawn if self.spool else None,
+                                      extra_args=ENVOY_FLAGS)  # the spool written at once (telemetry/spool.py)
             await self.envoy.start()
         self._flusher = asyncio.create_task(self.flusher.run(), name="spend-flusher")
         self._tasks = [

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 log = logging.getLogger("controlplane.envoy")
@@ -122,7 +122,9 @@ class EnvoyProcess:
         binary: str | None = None,
         pid_file: Path | None = None,
         before_spawn: Callable[[], None] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
+        """`extra_args` go after the flags this class sets (e.g. the spool's file-flush flags)."""
         self.bootstrap = bootstrap
         self.log_path = log_path
         self.log_level = log_level
@@ -130,6 +132,7 @@ class EnvoyProcess:
         self.binary = binary or find_envoy()
         self.pid_file = pid_file
         self.before_spawn = before_spawn
+        self.extra_args = list(extra_args)
         self.restarts = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._stopping = False
@@ -149,7 +152,7 @@ class EnvoyProcess:
         ]
         if self.concurrency:
             cmd += ["--concurrency", str(self.concurrency)]
-        return cmd
+        return cmd + self.extra_args
 
     async def start(self) -> None:
         await self.stop_orphan()

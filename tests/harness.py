@@ -65,6 +65,15 @@ def stop_pid(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
             proc.wait()
 
 
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: nobody may reap an orphan's corpse here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def http_json(method: str, url: str, body: Any = None, timeout: float = 5.0) -> tuple[int, Any]:
     host_port = url.split("//", 1)[1].split("/", 1)[0]
     path = "/" + url.split("//", 1)[1].split("/", 1)[1]

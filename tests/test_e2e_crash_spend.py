@@ -30,7 +30,7 @@ from controlplane.telemetry.accesslog import AccessLogService
 from controlplane.telemetry.spool import SPOOL_NAME, Spool, count_lines
 from controlplane.xds import resources
 
-from .harness import ControlPlane, Load, chat_body, free_port, http_json, stop_pid, wait_for
+from .harness import ControlPlane, Load, chat_body, free_port, http_json, running, stop_pid, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -44,17 +44,6 @@ def ledger_requests(path: Path) -> dict[str, int]:
         return {b: int(n) for b, n in db.execute("SELECT backend, SUM(requests) FROM spend GROUP BY backend")}
     finally:
         db.close()
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1] == ["Z"]
-    except OSError:
-        return True
 
 
 def test_sigkill_under_load_recovers_the_spend_from_the_spool(tmp_path: Path, mocks) -> None:  # type: ignore[no-untyped-def]
@@ -73,7 +62,7 @@ def test_sigkill_under_load_recovers_the_spend_from_the_spool(tmp_path: Path, mo
             load.wait_requests(500)
             os.kill(first.proc.pid, signal.SIGKILL)
             first.proc.wait(10)
-            wait_for(lambda: gone(envoy_pid), timeout=10, what="the managed Envoy to exit with its control plane")
+            wait_for(lambda: not running(envoy_pid), timeout=10, what="the managed Envoy to exit with its control plane")
             second = ControlPlane(tmp_path, None, ports=first.ports)  # same state dir, same ports
             load.wait_requests(300, timeout=60)
         assert load.statuses[200] > 800, load.failures
@@ -115,7 +104,7 @@ def test_sigkill_under_load_recovers_the_spend_from_the_spool(tmp_path: Path, mo
         if second is not None:
             second.stop()
         first.stop()
-        if not gone(envoy_pid):
+        if running(envoy_pid):
             os.kill(envoy_pid, signal.SIGKILL)
 
 

@@ -19,20 +19,11 @@ import pytest
 from controlplane import envoyproc
 from controlplane.envoyproc import EnvoyProcess, find_envoy
 
-from .harness import ControlPlane, MockBackend, chat_body, http_json, wait_for
+from .harness import ControlPlane, MockBackend, chat_body, http_json, running, wait_for
 
 
 def pools(a: MockBackend) -> dict:
     return {"chat": {"match": {"prefix": "/v1/"}, "backends": {"a": {"url": a.url}}}}
-
-
-def running(pid: int) -> bool:
-    """Whether `pid` runs (a zombie does not: nobody may reap an orphan's corpse here)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def envoys_with(bootstrap: Path) -> list[int]:
