@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -147,19 +148,24 @@ class SqliteLedger:
         """One request, written at once (tools and tests; the service writes batches)."""
         self.add([(int(at // HOUR), pool, backend, model, 1, prompt_tokens, completion_tokens, cost)])
 
-    def add(self, rows: Iterable[Row], spool: SpoolMark | None = None) -> None:
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """All or nothing: what the body writes is committed together, or rolled back on any error."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.executemany(_UPSERT, rows)
-                if spool is not None:
-                    generation, covered = spool
-                    self._db.execute("UPDATE spool SET covered = ? WHERE id = 0 AND generation = ?",
-                                     (covered, generation))
+                yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def add(self, rows: Iterable[Row], spool: SpoolMark | None = None) -> None:
+        with self._transaction() as db:
+            db.executemany(_UPSERT, rows)
+            if spool is not None:
+                generation, covered = spool
+                db.execute("UPDATE spool SET covered = ? WHERE id = 0 AND generation = ?", (covered, generation))
 
     def spool_state(self) -> SpoolState:
         with self._lock:
@@ -172,22 +178,16 @@ class SqliteLedger:
                   recovered: Spend = Spend()) -> None:
         """One transaction: spend rows, a new spool count and generation, the files left to delete, and
         what of the spend came from the spool (added to the all-time sums)."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                self._db.executemany(_UPSERT, rows)
-                self._db.execute(
-                    "UPDATE spool SET generation = ?, covered = ?, done = ?, "
-                    "recovered_requests = recovered_requests + ?, "
-                    "recovered_prompt_tokens = recovered_prompt_tokens + ?, "
-                    "recovered_completion_tokens = recovered_completion_tokens + ?, "
-                    "recovered_cost = recovered_cost + ? WHERE id = 0",
-                    (generation, covered, " ".join(done), recovered.requests, recovered.prompt_tokens,
-                     recovered.completion_tokens, recovered.cost))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._transaction() as db:
+            db.executemany(_UPSERT, rows)
+            db.execute(
+                "UPDATE spool SET generation = ?, covered = ?, done = ?, "
+                "recovered_requests = recovered_requests + ?, "
+                "recovered_prompt_tokens = recovered_prompt_tokens + ?, "
+                "recovered_completion_tokens = recovered_completion_tokens + ?, "
+                "recovered_cost = recovered_cost + ? WHERE id = 0",
+                (generation, covered, " ".join(done), recovered.requests, recovered.prompt_tokens,
+                 recovered.completion_tokens, recovered.cost))
 
     def clear_spool_done(self) -> None:
         """The files named in `done` are gone."""
