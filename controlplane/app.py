@@ -33,6 +33,7 @@ from .scoring.ledger import SpendBook, SqliteLedger
 from .state import DesiredState
 from .telemetry import accesslog
 from .telemetry.accesslog import Observation, Stream
+from .telemetry.envoy_hosts import EnvoyHosts
 from .telemetry.ingest import Telemetry
 from .telemetry.prober import Prober
 from .telemetry.requests import RequestIndex
@@ -71,6 +72,8 @@ class App:
         self.spool = None if spool_path is None else Spool(
             spool_path, node_id, self.spend, self.ledger, self.flusher, self.access_log, self.config,
             self._envoy_admin_url)
+        self.envoy_hosts = EnvoyHosts(self._envoy_admin_source, lambda: self.reconciler.state)
+        self.reconciler.history.reason = lambda pool, backend: self.engine.explain(pool)["backends"][backend]["reason"]
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)
         self.budgets = BudgetController(self.spend, self.alerter, self.reconciler)
         self.scoring = ScoringLoop(self.engine, self.budgets, self.requests, self.reconciler)
@@ -93,6 +96,13 @@ class App:
             return 0  # from an Envoy whose spool was already charged
         return self.telemetry.observe_batch(batch)
 
+    def _envoy_admin_source(self) -> str | None:
+        """Whose /clusters tells Envoy's view of the hosts: the configured admin, else our own Envoy's."""
+        configured = self.config().controlplane.envoy_admin
+        if configured is not None:
+            return configured
+        return self._envoy_admin_url() if self._run_envoy else None
+
     def _envoy_admin_url(self) -> str:
         admin = self.config().envoy.admin
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(admin.address, admin.address)
@@ -105,6 +115,8 @@ class App:
             snapshot=lambda: self.cache.snapshot, xds=self.ads, backends=self.engine.stats,
             explain=self.engine.explain, spend=self.spend, ledger=self.flusher,
             budgets=lambda: self.budgets.verdict, access_log=self.access_log, envoy=lambda: self.envoy,
+            recent=self.telemetry.recent, histograms=self.telemetry.histograms, envoy_hosts=self.envoy_hosts,
+            history=self.reconciler.history,
         )
 
     async def start(self) -> None:
@@ -139,6 +151,7 @@ class App:
             asyncio.create_task(refresh_dns(self.reconciler), name="dns-refresher"),
             asyncio.create_task(self.scoring.run(), name="scoring"),
             asyncio.create_task(Prober(self.config, self.telemetry.observe_health).run(), name="health-prober"),
+            asyncio.create_task(self.envoy_hosts.run(), name="envoy-hosts"),
         ]
         if self.spool is not None:
             self._tasks.append(asyncio.create_task(self.spool.run(), name="spool-rotation"))

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from google.protobuf.message import Message
 
+from .history import WeightHistory
 from .state import DesiredState
 from .xds import resources, typeurls
 from .xds.snapshot import Snapshot
@@ -89,6 +90,7 @@ class Reconciler:
         self.failures = 0
         self._state = state
         self._built: DesiredState | None = None
+        self.history = WeightHistory()  # the weight changes Envoy was sent
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -159,6 +161,7 @@ class Reconciler:
 
     def _publish(self, state: DesiredState, snapshot: Snapshot) -> None:
         previous = self.cache.snapshot
+        self.history.record(self._built, state)
         self._built = state
         self.builds += 1
         changed = [typeurls.SHORT[t] for t in typeurls.PUSH_ORDER

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .history import WeightHistory
 from .scoring.budget import BudgetVerdict
 from .scoring.ledger import Spend
 from .scoring.stats import BackendStats
 from .state import DesiredState, Weights
+from .telemetry.envoy_hosts import EnvoyHosts
+from .telemetry.histograms import GenAiHistograms
+from .telemetry.recent import Recent
 from .xds.server import XdsStats
 from .xds.snapshot import Snapshot
 
@@ -126,6 +130,10 @@ class Views:
     budgets: Callable[[], BudgetVerdict]
     access_log: Counts
     envoy: Callable[[], EnvoyView | None]  # the supervised Envoy, if this process runs one
+    recent: Recent  # per backend, lately: status classes, error rate, latency percentiles, share
+    histograms: GenAiHistograms  # the OTel GenAI histograms
+    envoy_hosts: EnvoyHosts  # Envoy's own view of each backend (ejected, failing checks)
+    history: WeightHistory  # the last weight changes Envoy was sent
 
     def pushed_weights(self) -> Weights:
         """What Envoy was sent, not what is about to be."""

@@ -32,6 +32,8 @@ STATIC_STRATEGIES = frozenset({"round_robin", "weighted", "least_request"})
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,512}")  # xDS and API tokens (from the environment)
+_TOKEN_RULE = "token must be 16 to 512 letters, digits, '-' or '_' (e.g. openssl rand -hex 32)"
 
 
 def parse_duration(value: Any) -> timedelta:
@@ -124,8 +126,16 @@ class EnvoySettings(_Model):
 
 
 class Alerts(_Model):
-    webhook: str | None = None  # POSTed a JSON body per alert
+    """Where alert events go, how often conditions are checked, and how many events a minute may be sent.
+
+    Each condition fires once while it holds and sends a matching `resolved`
+    event when it clears; beyond `max_per_minute` events wait their turn.
+    """
+
+    webhook: str | None = None  # POSTed a JSON body per event
     timeout: Duration = timedelta(seconds=5)
+    interval: Duration = timedelta(seconds=2)  # how often the conditions are evaluated
+    max_per_minute: int = Field(30, ge=1, le=6000)
 
     @field_validator("webhook")
     @classmethod
@@ -167,14 +177,49 @@ class XdsSettings(Address):
     @field_validator("token")
     @classmethod
     def _token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-]{16,512}", value.get_secret_value()):
-            raise ValueError("token must be 16 to 512 letters, digits, '-' or '_' (e.g. openssl rand -hex 32)")
+        if value is not None and not _TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError(_TOKEN_RULE)
         return value
+
+
+class ApiSettings(Address):
+    """The operator's HTTP API and live page. Mutations (drain, undrain, feedback) need
+    `Authorization: Bearer <token>`; without a token the API may only bind loopback."""
+
+    port: int = Field(8088, ge=1, le=65535)
+    token: SecretStr | None = Field(None, repr=False)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not _TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError(_TOKEN_RULE)
+        return value
+
+    @model_validator(mode="after")
+    def _loopback_without_token(self) -> ApiSettings:
+        if self.token is None and not ipaddress.ip_address(self.address).is_loopback:
+            raise ValueError(
+                f"address {self.address} is reachable from other hosts, so the API needs a token: set "
+                "token: \"${LLM_LB_API_TOKEN}\" (e.g. openssl rand -hex 32), or bind 127.0.0.1")
+        return self
 
 
 class ControlPlaneSettings(_Model):
     xds: XdsSettings = XdsSettings()
-    api: Address = Address(port=8088)
+    api: ApiSettings = ApiSettings()
+    # An Envoy admin URL whose /clusters shows which hosts Envoy has ejected or finds failing its
+    # checks (metrics, alerts, the live page); default: the managed Envoy's own admin.
+    envoy_admin: str | None = None
+
+    @field_validator("envoy_admin")
+    @classmethod
+    def _admin_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError("envoy_admin must be http://host:port (Envoy's admin interface)")
+        return value
     resolve_interval: Duration = timedelta(seconds=30)
     # Spend is written to the ledger this often, in one transaction; a crash loses at most this much.
     spend_flush_interval: Duration = timedelta(seconds=1)
@@ -348,6 +393,16 @@ class Budget(_Model):
         return self
 
 
+class PoolAlerts(_Model):
+    """When a pool's condition is worth an alert; rates and percentiles are over the last `window`."""
+
+    min_available: float = Field(0.5, ge=0, le=1)  # share of backends Envoy can send to (not ejected/failing)
+    max_error_rate: float | None = Field(0.25, gt=0, le=1)
+    max_p95_latency: Duration | None = None
+    min_requests: int = Field(20, ge=1)  # in the window, before error rate or p95 are judged
+    window: Duration = timedelta(seconds=60)
+
+
 class Cost(_Model):
     input_per_1k: float = Field(0.0, ge=0)
     output_per_1k: float = Field(0.0, ge=0)
@@ -423,6 +478,7 @@ class Pool(_Model):
     scoring: Scoring = Scoring()
     deep_health: DeepHealth | None = None
     budget: Budget | None = None
+    alerts: PoolAlerts = PoolAlerts()
     backends: dict[Name, Backend] = Field(min_length=1)
 
     @model_validator(mode="after")

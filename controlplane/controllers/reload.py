@@ -178,6 +178,7 @@ START_ONLY = {
     "controlplane.xds": "the gRPC server and Envoy's bootstrap",
     "controlplane.api": "the API server",
 }
+LIVE_FIELDS = frozenset({"controlplane.api.token"})  # inside a START_ONLY section, yet read per request
 
 
 def restart_only(old: Config, new: Config) -> list[str]:
@@ -198,7 +199,8 @@ def restart_only(old: Config, new: Config) -> list[str]:
                 (getattr(after, "address", None), getattr(after, "port", None)):
             out.append(f"{path} {before} -> {after} ({why})")
         for name in type(after).model_fields:
-            if name not in ("address", "port") and getattr(before, name, None) != getattr(after, name):
+            if (name not in ("address", "port") and f"{path}.{name}" not in LIVE_FIELDS
+                    and getattr(before, name, None) != getattr(after, name)):
                 out.append(f"{path}.{name} changed ({why})")
     return out
 

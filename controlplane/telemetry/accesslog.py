@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -270,6 +271,7 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self.messages = 0  # entries / messages: how well Envoy batches (each message has a fixed cost here)
         self.entries = 0
         self.errors = 0
+        self.lag_seconds = 0.0  # the latest batch: from its last request's end to its arrival here
         self.opened = 0  # streams ever opened (the latest one's seq)
         self.streams: dict[str, int] = {}  # per node id: streams opened
         self._open: dict[int, Stream] = {}
@@ -306,6 +308,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self.messages += 1
         self.entries += len(entries)
         stream.entries += len(entries)
+        if entries:
+            self._lag(entries[-1].common_properties)
         batch: list[Observation] = []
         append = batch.append
         for entry in entries:
@@ -319,6 +323,16 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         except Exception:  # the stream must outlive a bug in the sink
             self.errors += len(batch)
             log.exception("cannot use a batch of %d access log entries", len(batch))
+
+
+    def _lag(self, common: accesslog_pb2.AccessLogCommon) -> None:
+        """Once per batch: how far behind the requests this process learns of them (Envoy's buffering,
+        the network, this loop's backlog)."""
+        if common.HasField("start_time"):
+            start = common.start_time
+            end = start.seconds + start.nanos / 1e9 + (_ms(common.duration) / 1000 if common.HasField("duration")
+                                                        else 0.0)
+            self.lag_seconds = max(0.0, time.time() - end)
 
 
 def add_to_server(service: AccessLogService, server: grpc.aio.Server) -> None:

@@ -24,6 +24,8 @@ from ..scoring.engine import Engine
 from ..scoring.ledger import SpendBook
 from .accesslog import Observation
 from .health import Verdict
+from .histograms import GenAiHistograms
+from .recent import Recent
 from .requests import AlreadyRatedError, RequestIndex
 
 log = logging.getLogger("controlplane.telemetry")
@@ -35,13 +37,27 @@ class Telemetry:
         self.spend = spend
         self.requests = requests
         self.config = config
+        self.recent = Recent()  # per backend, lately: status classes, error rate, percentiles, share
+        self.histograms = GenAiHistograms()  # the OTel GenAI histograms
+        self._synced: Config | None = None
+
+    def _sync(self, config: Config) -> None:
+        """A reload removed backends: forget their recent requests and histograms (bounded memory)."""
+        keys = {(p, b) for p, pool in config.pools.items() for b in pool.backends}
+        self.recent.retain(keys)
+        self.histograms.retain(keys)
+        self._synced = config
 
     def observe_batch(self, batch: Iterable[Observation]) -> int:
         """Returns how many entries could not be used (each is logged)."""
         at = time.time()  # one clock read per batch: hour buckets need no finer time
-        pools = self.config().pools
+        config = self.config()
+        if config is not self._synced:
+            self._sync(config)
+        pools = config.pools
         failed = 0
         engine, spend, requests = self.engine, self.spend, self.requests
+        recent, histograms = self.recent.observe, self.histograms.observe
         for obs in batch:
             pool, backend = obs.pool, obs.backend
             if not backend or pool not in pools:
@@ -55,6 +71,11 @@ class Telemetry:
                                               obs.completion_tokens, charged)
                 if charged:
                     spend.add(at, pool, backend, obs.model, obs.prompt_tokens, obs.completion_tokens, cost)
+                seconds = obs.latency_ms / 1000
+                recent(at, pool, backend, obs.status, ok, seconds)
+                ttfb = obs.ttfb_ms
+                histograms(pool, backend, obs.requested_model, obs.model, seconds,
+                           None if ttfb is None else ttfb / 1000, obs.prompt_tokens, obs.completion_tokens)
                 if obs.usage_suspicious:
                     self._suspicious(obs)
                 if obs.quality_header is not None:
