@@ -56,9 +56,9 @@ def states_from_clusters(clusters: Mapping[str, Any], state: DesiredState) -> di
             continue
         for host in cluster.get("host_statuses", ()) or ():
             socket = (host.get("address") or {}).get("socket_address") or {}
-            bname = by_address.get((pname, socket.get("address", ""), int(socket.get("port_value", 0) or 0)))
-            if bname is not None:
-                out[(pname, bname)] = host_state(host.get("health_status") or {})
+            found = by_address.get((pname, socket.get("address", ""), int(socket.get("port_value", 0) or 0)))
+            if found is not None:
+                out[(pname, found)] = host_state(host.get("health_status") or {})
     return out
 
 
