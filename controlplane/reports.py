@@ -7,6 +7,8 @@ from typing import Any
 
 from .scoring.budget import period_start
 from .scoring.ledger import Spend
+from .telemetry.envoy_hosts import HEALTHY, UNKNOWN
+from .telemetry.recent import STATUS_CLASSES
 from .views import Views
 from .xds import typeurls
 
@@ -36,6 +38,8 @@ def status(views: Views) -> dict[str, Any]:
         },
         "nodes": views.xds.node_status(),
         "in_sync": views.xds.in_sync(),
+        "api": {"token_required": config.controlplane.api.token is not None},
+        "envoy_view": {"read_at": views.envoy_hosts.read_at, "error": views.envoy_hosts.error},
         "grpc_auth": {"mtls": config.controlplane.xds.tls is not None,
                       "unauthenticated_refused": dict(views.xds.stats.unauthenticated)},
         "pools": {
@@ -109,4 +113,75 @@ def _spend_entry(hour: Spend, day: Spend, total: Spend) -> dict[str, Any]:
         "day": round(day.cost, 6),
         "total": round(total.cost, 6),
         "requests": total.requests, "prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+    }
+
+
+WINDOW_SECONDS = 60.0  # "lately", for traffic share, p95 and error rate on the page and in the table
+
+
+def pools(views: Views, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    return {"pools": {name: pool(views, name, now) for name in views.state().config.pools}}
+
+
+def pool(views: Views, name: str, now: float | None = None) -> dict[str, Any]:
+    """One pool as operators look at it: per backend Envoy's view, our weights and why, what it did lately
+    and what it cost. Raises KeyError for a pool the live config does not have."""
+    now = time.time() if now is None else now
+    state = views.state()
+    cfg = state.config.pools[name]
+    weights = views.pushed_weights().get(name, {})
+    in_rotation = {b: w for b, w in weights.items() if (name, b) not in state.drained}
+    total_weight = sum(in_rotation.values())
+    try:
+        explained = views.explain(name, None)["backends"]
+    except KeyError:  # a pool the scores do not know yet (a reload in progress)
+        explained = {}
+    recent = views.recent
+    shares = recent.shares(name, cfg.backends, WINDOW_SECONDS, now)
+    by_class = recent.by_class()
+    hour, day = views.spend.since(period_start(now, "hour")), views.spend.since(period_start(now, "day"))
+    total = views.spend.total()
+    hosts = views.envoy_hosts
+    backends: dict[str, Any] = {}
+    for bname, backend in cfg.backends.items():
+        stats = views.backends.get((name, bname))
+        window = recent.window(name, bname, WINDOW_SECONDS, now)
+        key = (name, bname)
+        backends[bname] = {
+            "url": backend.url,
+            "priority": backend.priority,
+            "weight": weights.get(bname),
+            "weight_share": round(in_rotation.get(bname, 0) / total_weight, 4) if total_weight else 0.0,
+            "traffic_share": round(shares.get(bname, 0.0), 4),
+            "draining": key in state.drained,
+            "envoy_state": hosts.get(name, bname),
+            "health": ({"score": stats.health, "status": stats.health_status, "detail": stats.health_detail}
+                       if stats else None),
+            "quality": round(stats.quality, 4) if stats else None,
+            "latency_p95_seconds": window.p95_seconds,
+            "latency_ewma_seconds": (round(stats.latency_ewma_ms / 1000, 4)
+                                     if stats and stats.latency_ewma_ms is not None else None),
+            "error_rate": None if window.error_rate is None else round(window.error_rate, 4),
+            "requests": window.requests,
+            "requests_by_class": by_class.get(key, dict.fromkeys(STATUS_CLASSES, 0)),
+            "spend": {"hour": round(hour.get(key, Spend()).cost, 6), "day": round(day.get(key, Spend()).cost, 6),
+                      "total": round(total.get(key, Spend()).cost, 6)},
+            "reason": explained.get(bname, {}).get("reason", ""),
+        }
+    known = [b["envoy_state"] for b in backends.values() if b["envoy_state"] != UNKNOWN]
+    verdict = views.budgets()
+    return {
+        "name": name,
+        "strategy": cfg.strategy,
+        "prefix": cfg.match.prefix,
+        "models": cfg.match.models,
+        # the share of backends Envoy may send to; None when its view is not known (no admin to read)
+        "available": round(sum(s == HEALTHY for s in known) / len(known), 4) if known else None,
+        "budget": [w.as_dict() for w in verdict.windows.get(name, ())],
+        "budget_action": verdict.action(name),
+        "spend": {"hour": round(sum(b["spend"]["hour"] for b in backends.values()), 6),
+                  "day": round(sum(b["spend"]["day"] for b in backends.values()), 6)},
+        "changes": views.history.recent(name),
+        "backends": backends,
     }

@@ -139,9 +139,11 @@ def test_api_bodies_are_bounded_and_bad_json_is_a_400(tmp_path):
                 assert "nested too deeply" in (await resp.json())["error"]["message"]
             async with http.post(url, data=b"\xff\xfe{", headers={"content-type": "application/json"}) as resp:
                 assert resp.status == 400 and "must be JSON" in (await resp.json())["error"]["message"]
-        padded = json.dumps({"force": False, "pad": " " * 60_000})  # under 64 KiB: read, then judged
+        padded = '{"force": false' + " " * 60_000 + "}"  # under 64 KiB: read, then judged
         async with http.post(paths[1], data=padded) as resp:
             assert resp.status == 200
+        async with http.post(paths[1], json={"force": False, "pad": 1}) as resp:  # an unknown field is named
+            assert resp.status == 400 and "'force'" in (await resp.json())["error"]["message"]
         async with http.get("/healthz") as resp:
             assert resp.status == 200
         assert ("chat", "a") in app.reconciler.state.drained
