@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from . import logs
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("controlplane")
@@ -120,12 +122,16 @@ def _api_base(args: argparse.Namespace) -> str:
     return "http://127.0.0.1:8088"
 
 
-def _call_api(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+def _call_api(method: str, url: str, body: dict[str, Any] | None = None, token: str | None = None
+              ) -> tuple[int, dict[str, Any]]:
     import urllib.error
     import urllib.request
 
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
@@ -142,7 +148,12 @@ def _call_api(method: str, url: str, body: dict[str, Any] | None = None) -> tupl
 def cmd_drain(args: argparse.Namespace) -> int:
     action = "drain" if args.command == "drain" else "undrain"
     url = f"{_api_base(args)}/v1/pools/{args.pool}/backends/{args.backend}/{action}"
-    code, body = _call_api("POST", url, {"force": args.force} if action == "drain" else None)
+    token = os.environ.get(args.token_env) or None
+    code, body = _call_api("POST", url, {"force": args.force} if action == "drain" else None, token)
+    if code == 401:
+        print(f"{action} refused: the API needs its token; set {args.token_env} (never pass it as an argument: "
+              "other users can read a process's arguments)", file=sys.stderr)
+        return 1
     if code != 200:
         print(f"{action} failed ({code}): {body.get('error', {}).get('message', body)}", file=sys.stderr)
         return 1
@@ -152,9 +163,19 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    code, body = _call_api("GET", f"{_api_base(args)}/v1/status")
-    print(json.dumps(body, indent=2))
-    return 0 if code == 200 else 1
+    base = _api_base(args)
+    code, body = _call_api("GET", f"{base}/v1/status")
+    if args.json or code != 200:
+        print(json.dumps(body, indent=2))
+        return 0 if code == 200 else 1
+    code, pools = _call_api("GET", f"{base}/v1/pools")
+    if code != 200:
+        print(json.dumps(pools, indent=2), file=sys.stderr)
+        return 1
+    from .table import status_table
+
+    print(status_table(body, pools))
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -167,6 +188,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description="xDS control plane for Envoy in front of LLM backends")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one object per line (time, level, event, pool, backend, version where known)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("validate", help="check config files; exit 1 listing every error")
@@ -203,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(force=False)
         _add_api_args(p)
+        p.add_argument("--token-env", default="LLM_LB_API_TOKEN", metavar="VAR",
+                       help="environment variable holding the API token (default: LLM_LB_API_TOKEN)")
         p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("simulate", help="compare strategies on simulated backends (the live scoring code)")
@@ -212,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, help="override the workload's request count")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("status", help="print the control plane's status (JSON)")
+    p = sub.add_parser("status", help="print each backend's state, weight, share, p95, quality and spend")
+    p.add_argument("--json", action="store_true", help="the whole /v1/status document instead of the table")
     _add_api_args(p)
     p.set_defaults(func=cmd_status)
     return parser
@@ -226,8 +252,7 @@ def _add_api_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logs.configure(args.log_level, args.log_format)
     return int(args.func(args))
 
 

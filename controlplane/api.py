@@ -172,9 +172,9 @@ def make_app(views: Views, actions: Actions) -> web.Application:
 
     async def readyz(request: web.Request) -> web.Response:
         snapshot = views.snapshot()
-        connected = [n["node"] for n in views.xds.node_status() if n.get("streams", 0) > 0]
-        in_sync = set(views.xds.in_sync())
-        waiting = sorted(n for n in connected if n not in in_sync)
+        nodes = [n for n in views.xds.node_status() if n["connected"]]
+        connected = [n["id"] for n in nodes]
+        waiting = sorted(n["id"] for n in nodes if not n["in_sync"])
         problems = []
         if snapshot is None:
             problems.append("no snapshot built yet")

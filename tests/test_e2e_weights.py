@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from .harness import ControlPlane, MockBackend, spread, wait_for
+from .harness import ControlPlane, MockBackend, http_json, spread, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -118,6 +118,8 @@ def test_envoy_nack_is_surfaced_and_previous_config_stays(tmp_path, backends):
         node = wait_for(nacked, what="Envoy to reject the cluster update")
         assert "missing-ca.pem" in node["nacked"]["CDS"]["message"]
         assert node["acked"]["CDS"] == good
+        code, ready = http_json("GET", f"{cp.api}/readyz")  # Envoy runs the old snapshot: not ready
+        assert code == 503 and not ready["ready"] and "llm-lb-local" in ready["problems"][0], ready
         counts, statuses = spread(cp.listener, 200, clients=4)
         assert statuses == Counter({200: 200})
         assert set(counts) == {"a", "b"}

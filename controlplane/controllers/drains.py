@@ -36,5 +36,6 @@ class Drains:
             return
         drained = state.drained | {key} if draining else state.drained - {key}
         statefile.save(self.path, statefile.PersistedState(drained=set(drained)))
-        log.info("%s %s/%s", "draining" if draining else "undrained", pool, backend)
+        log.info("%s %s/%s", "draining" if draining else "undrained", pool, backend,
+                 extra={"pool": pool, "backend": backend})
         self.reconciler.propose(drained=drained)

@@ -139,7 +139,7 @@ class ConfigReloader:
         if status.restart_pending:
             log.warning("%s: these changes take effect only after a restart: %s",
                         status.path, "; ".join(status.restart_pending))
-        log.info("%s: reloaded (%d pools)", status.path, len(new.pools))
+        log.info("%s: reloaded (%d pools)", status.path, len(new.pools), extra={"version": status.digest})
         return True
 
     async def _parse(self, data: bytes, new_digest: str) -> Config | None:

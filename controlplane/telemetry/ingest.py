@@ -116,5 +116,6 @@ class Telemetry:
     def observe_health(self, pool: str, backend: str, verdict: Verdict) -> None:
         stats = self.engine.stats.get((pool, backend))
         if stats is not None and stats.health_status != verdict.status:
-            log.info("deep health %s/%s: %s (%s)", pool, backend, verdict.status, verdict.detail)
+            log.info("deep health %s/%s: %s (%s)", pool, backend, verdict.status, verdict.detail,
+                     extra={"pool": pool, "backend": backend})
         self.engine.observe_health(pool, backend, verdict.score, verdict.status, verdict.detail)

@@ -342,14 +342,15 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         node.open_streams[stream.id] = stream
         if node.streams > 1:
             log.warning("envoy %s has %d streams open: several Envoys share this node id", node_id, node.streams)
-        log.info("envoy %s connected (cluster %r, stream %d)", node_id, node.cluster, stream.id)
+        log.info("envoy %s connected (cluster %r, stream %d)", node_id, node.cluster, stream.id,
+                 extra={"node": node_id})
         self._forget()
         return node, stream
 
     def _close(self, node: NodeState, stream: StreamState) -> None:
         node.open_streams.pop(stream.id, None)
         node.last_closed = stream
-        log.info("envoy %s disconnected (stream %d)", node.id, stream.id)
+        log.info("envoy %s disconnected (stream %d)", node.id, stream.id, extra={"node": node.id})
         if not node.open_streams:
             node.disconnected_at = self._clock()
             self._disconnected[node.id] = node.disconnected_at
