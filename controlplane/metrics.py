@@ -1,31 +1,52 @@
-"""Prometheus metrics, read through the views at scrape time (nothing to keep in sync; no database read)."""
+"""Prometheus metrics, read through the views at scrape time (nothing to keep in sync; no database read).
+
+Names follow Prometheus' conventions: counters end in `_total` (prometheus_client adds it to a
+CounterMetricFamily's name), durations are in seconds, and every label set is bounded (pools,
+backends, status classes, states, xDS types; model names are capped in telemetry/histograms.py; no
+request ids). A scrape costs O(backends) plus, per backend, one pass over its recent requests.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .telemetry.envoy_hosts import STATES
+from .telemetry.recent import STATUS_CLASSES
 from .views import Views
 from .xds import typeurls
+
+WINDOW_SECONDS = 60.0  # the window of the traffic share, p95 latency and window error rate
 
 
 class SystemCollector(Collector):
     def __init__(self, views: Views) -> None:
         self.views = views
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        yield from self._config_and_xds()
+        yield from self._backends()
+        yield self._suspicious()
+        yield from self._spend()
+        yield from self.views.histograms.families()
+        yield from self._access_log()
+        yield from self._ledger_and_envoy()
+
+    def _config_and_xds(self) -> Iterator[Metric]:
         views = self.views
-        state = views.config
+        status = views.config
         reloads = CounterMetricFamily("llm_lb_config_reloads", "Config file edits, by outcome", labels=["result"])
-        reloads.add_metric(["applied"], state.reloads)
-        reloads.add_metric(["rejected"], state.rejected)
+        reloads.add_metric(["applied"], status.reloads)
+        reloads.add_metric(["rejected"], status.rejected)
         yield reloads
         yield GaugeMetricFamily(
             "llm_lb_config_last_edit_ok", "1 if the file on disk is the live config, 0 if its last edit was rejected",
-            value=0 if state.errors else 1,
+            value=0 if status.errors else 1,
         )
         for name, counter, help_text in (
             ("llm_lb_xds_pushes", views.xds.stats.pushes, "xDS responses sent"),
@@ -48,29 +69,93 @@ class SystemCollector(Collector):
         yield GaugeMetricFamily(
             "llm_lb_envoys_in_sync", "Envoy nodes that accepted the current snapshot", value=len(views.xds.in_sync())
         )
+
+    def _backends(self) -> Iterator[Metric]:
+        """Per backend: what the scores use, what the recent requests show, and what Envoy thinks of it."""
+        views = self.views
+        state = views.state()
         weight = GaugeMetricFamily("llm_lb_backend_weight", "Endpoint weight pushed to Envoy", labels=["pool", "backend"])
         for pool, backends in views.pushed_weights().items():
             for backend, value in backends.items():
                 weight.add_metric([pool, backend], value)
         yield weight
-        gauges = {
-            "quality": GaugeMetricFamily("llm_lb_backend_quality", "Estimated answer quality (prior + feedback)",
-                                         labels=["pool", "backend"]),
-            "health": GaugeMetricFamily("llm_lb_backend_health", "Deep health score: 1 healthy, 0.5 degraded, 0 down",
-                                        labels=["pool", "backend"]),
-            "latency": GaugeMetricFamily("llm_lb_backend_latency_ms", "Latency EWMA from the access log",
-                                         labels=["pool", "backend"]),
-            "errors": GaugeMetricFamily("llm_lb_backend_error_rate", "Error rate EWMA from the access log",
-                                        labels=["pool", "backend"]),
-        }
+        quality = GaugeMetricFamily("llm_lb_backend_quality", "Estimated answer quality (prior + feedback)",
+                                    labels=["pool", "backend"])
+        health = GaugeMetricFamily("llm_lb_backend_health", "Deep health score: 1 healthy, 0.5 degraded, 0 down",
+                                   labels=["pool", "backend"])
+        latency = GaugeMetricFamily("llm_lb_backend_latency_seconds", "Request latency EWMA from the access log",
+                                    labels=["pool", "backend"], unit="seconds")
+        errors = GaugeMetricFamily("llm_lb_backend_error_rate", "Error rate EWMA from the access log",
+                                   labels=["pool", "backend"])
         for (pool, backend), st in views.backends.items():
-            gauges["quality"].add_metric([pool, backend], st.quality)
-            gauges["health"].add_metric([pool, backend], st.health)
+            quality.add_metric([pool, backend], st.quality)
+            health.add_metric([pool, backend], st.health)
             if st.latency_ewma_ms is not None:
-                gauges["latency"].add_metric([pool, backend], st.latency_ewma_ms)
-            gauges["errors"].add_metric([pool, backend], st.error_ewma)
-        yield from gauges.values()
-        yield self._suspicious()
+                latency.add_metric([pool, backend], st.latency_ewma_ms / 1000)
+            errors.add_metric([pool, backend], st.error_ewma)
+        yield from (quality, health, latency, errors)
+
+        window = f"{WINDOW_SECONDS:g}s"
+        requests = CounterMetricFamily("llm_lb_backend_requests", "Requests a backend answered (access log), by "
+                                       "HTTP status class ('none': no status, e.g. a reset), since start",
+                                       labels=["pool", "backend", "status_class"])
+        share = GaugeMetricFamily("llm_lb_backend_traffic_share",
+                                  f"Share of the pool's requests this backend answered over the last {window} "
+                                  "(0 for all when the pool had none)", labels=["pool", "backend"])
+        p95 = GaugeMetricFamily("llm_lb_backend_latency_p95_seconds",
+                                f"95th percentile request latency over the last {window} (absent without requests)",
+                                labels=["pool", "backend"], unit="seconds")
+        window_errors = GaugeMetricFamily("llm_lb_backend_window_error_rate",
+                                          f"Share of failed requests over the last {window} (absent without requests)",
+                                          labels=["pool", "backend"])
+        envoy_state = GaugeMetricFamily("llm_lb_backend_envoy_state",
+                                        "1 for the backend's state in Envoy's own view (admin /clusters), 0 for the "
+                                        "others; 'unknown' while that view cannot be read",
+                                        labels=["pool", "backend", "state"])
+        draining = GaugeMetricFamily("llm_lb_backend_draining", "1 if the backend is drained (no new requests)",
+                                     labels=["pool", "backend"])
+        recent, hosts = views.recent, views.envoy_hosts
+        by_class = recent.by_class()
+        now = time.time()
+        for pool, spec in state.config.pools.items():
+            windows = {b: recent.window(pool, b, WINDOW_SECONDS, now) for b in spec.backends}
+            total = sum(w.requests for w in windows.values())
+            for backend, win in windows.items():
+                labels = [pool, backend]
+                counts = by_class.get((pool, backend), {})
+                for cls in STATUS_CLASSES:
+                    requests.add_metric([*labels, cls], counts.get(cls, 0))
+                # as Recent.shares(), from the windows already read
+                share.add_metric(labels, win.requests / total if total else 0.0)
+                if win.p95_seconds is not None:
+                    p95.add_metric(labels, win.p95_seconds)
+                if win.error_rate is not None:
+                    window_errors.add_metric(labels, win.error_rate)
+                current = hosts.get(pool, backend)
+                for name in STATES:
+                    envoy_state.add_metric([*labels, name], 1 if name == current else 0)
+                draining.add_metric(labels, 1 if (pool, backend) in state.drained else 0)
+        yield from (requests, share, p95, window_errors, envoy_state, draining)
+
+    def _suspicious(self) -> CounterMetricFamily:
+        """Requests whose usage block could not be true (estimated instead), from each pool's explanation
+        (where the engine shows them): a scrape-time read, nothing on the per-request path."""
+        views = self.views
+        family = CounterMetricFamily(
+            "llm_lb_usage_suspicious",
+            "Requests whose reported token usage could not be true (negative, not a whole number, over the "
+            "cap, or more than the bodies allow): estimated from the body sizes instead", labels=["pool", "backend"])
+        for pool in views.state().config.pools:
+            try:
+                backends = views.explain(pool, None)["backends"]
+            except KeyError:  # a pool the scores do not know yet (a reload in progress)
+                continue
+            for backend, explained in backends.items():
+                family.add_metric([pool, backend], explained.get("usage_suspicious", 0))
+        return family
+
+    def _spend(self) -> Iterator[Metric]:
+        views = self.views
         spend = CounterMetricFamily("llm_lb_spend", "Money spent, at configured prices", labels=["pool", "backend"])
         tokens = CounterMetricFamily("llm_lb_tokens", "Tokens counted", labels=["pool", "backend", "kind"])
         for (pool, backend), total in views.spend.total().items():
@@ -84,22 +169,31 @@ class SystemCollector(Collector):
             for window in states:
                 budget.add_metric([pool, window.window], window.fraction)
         yield budget
+
+    def _access_log(self) -> Iterator[Metric]:
+        access_log = self.views.access_log
         entries = CounterMetricFamily("llm_lb_access_log_entries", "Access log entries received from Envoy")
-        entries.add_metric([], views.access_log.entries)
+        entries.add_metric([], access_log.entries)
         yield entries
         yield CounterMetricFamily("llm_lb_access_log_messages", "Access log messages (batches) received from Envoy",
-                                  value=views.access_log.messages)
+                                  value=access_log.messages)
         unusable = CounterMetricFamily("llm_lb_access_log_errors", "Access log entries that could not be used")
-        unusable.add_metric([], views.access_log.errors)
+        unusable.add_metric([], access_log.errors)
         yield unusable
         streams = CounterMetricFamily(
             "llm_lb_access_log_streams",
             "Access-log streams opened, per Envoy node; each one past a node's worker count is a reconnect, "
             "and entries that Envoy held while it had no stream may be lost (recovered only for the managed Envoy)",
             labels=["node"])
-        for node, count in sorted(views.access_log.streams.items()):
+        for node, count in sorted(access_log.streams.items()):
             streams.add_metric([node], count)
         yield streams
+        yield GaugeMetricFamily("llm_lb_access_log_ingest_lag_seconds",
+                                "For the latest access-log batch: from its last request's end to its arrival here",
+                                value=access_log.lag_seconds, unit="seconds")
+
+    def _ledger_and_envoy(self) -> Iterator[Metric]:
+        views = self.views
         yield CounterMetricFamily("llm_lb_spend_recovered_requests",
                                   "Requests charged from the managed Envoy's spool file because the ledger lacked "
                                   "them (a crash or an Envoy restart), all time", value=views.spend.recovered.requests)
@@ -120,23 +214,11 @@ class SystemCollector(Collector):
         envoy = views.envoy()
         restarts.add_metric([], envoy.restarts if envoy else 0)
         yield restarts
-
-    def _suspicious(self) -> CounterMetricFamily:
-        """Requests whose usage block could not be true (estimated instead), from each pool's explanation
-        (where the engine shows them): a scrape-time read, nothing on the per-request path."""
-        views = self.views
-        family = CounterMetricFamily(
-            "llm_lb_usage_suspicious",
-            "Requests whose reported token usage could not be true (negative, not a whole number, over the "
-            "cap, or more than the bodies allow): estimated from the body sizes instead", labels=["pool", "backend"])
-        for pool in views.state().config.pools:
-            try:
-                backends = views.explain(pool, None)["backends"]
-            except KeyError:  # a pool the scores do not know yet (a reload in progress)
-                continue
-            for backend, explained in backends.items():
-                family.add_metric([pool, backend], explained.get("usage_suspicious", 0))
-        return family
+        hosts = views.envoy_hosts
+        yield GaugeMetricFamily("llm_lb_envoy_admin_read_ok",
+                                "1 if Envoy's host states (admin /clusters) were read by the latest attempt, else 0 "
+                                "(llm_lb_backend_envoy_state then shows 'unknown')",
+                                value=1 if hosts.error is None and hosts.read_at > 0 else 0)
 
 
 def registry_for(views: Views) -> CollectorRegistry:

@@ -101,6 +101,11 @@ class Counts(Protocol):
         """Per Envoy node id: access-log streams opened (each after the first ones is a reconnect)."""
         ...
 
+    @property
+    def lag_seconds(self) -> float:
+        """The latest batch: from its last request's end to its arrival here."""
+        ...
+
 
 class LedgerView(Protocol):
     """Whether spend reaches the disk: the crash bound holds only while flushes succeed."""
