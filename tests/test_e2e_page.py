@@ -1,0 +1,231 @@
+"""The live page in headless Chromium against a running demo: real Envoy, control plane and mock backends.
+
+The page (controlplane/web/index.html, served at the API's `/`) fetches /v1/status and /v1/pools every
+2 s. Chromium's --virtual-time-budget runs the page's clock ahead but holds it while a fetch is pending,
+so --dump-dom returns the DOM after several refreshes; should a dump come back without the rows, the test
+dumps again until a deadline. The screenshot lands in the test's tmp_path and in tests/output/page.png.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .harness import ControlPlane, MockBackend, http_json, spread, wait_for
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"
+OUTPUT = Path(__file__).resolve().parent / "output"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIRTUAL_TIME_MS = 8000
+RUN_TIMEOUT = 60.0
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+def chromium_binary() -> str:
+    if os.access(CHROMIUM, os.X_OK):
+        return CHROMIUM
+    if os.environ.get("CI"):
+        pytest.fail(f"{CHROMIUM} is missing: CI must install Debian's chromium (see .ci/run)")
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); with CI set this test fails instead")
+
+
+def run_chromium(binary: str, tmp: Path, url: str, *args: str) -> str:
+    """Run headless Chromium once with a fresh profile; its stdout. Stopped by its process group on timeout."""
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp)
+    cmd = [binary, *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={VIRTUAL_TIME_MS}", *args, url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the browser and its helper processes, all in the group it leads
+        proc.communicate()
+        raise AssertionError(f"chromium did not finish within {RUN_TIMEOUT}s: {' '.join(cmd)}") from None
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert proc.returncode == 0, f"chromium exited {proc.returncode}: {err[-2000:]}"
+    return out
+
+
+@dataclass
+class Node:
+    tag: str
+    attrs: dict[str, str]
+    children: list[Node | str] = field(default_factory=list)
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            if isinstance(child, Node):
+                yield from child.walk()
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def find(self, **attrs: str) -> Node | None:
+        return next((n for n in self.walk() if all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())),
+                    None)
+
+
+class Dom(HTMLParser):
+    """The dumped DOM as a small tree (html.parser: no third-party parser needed)."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", {})
+        self._stack = [self.root]
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self._stack[-1].children.append(node)
+        if tag not in VOID:
+            self._stack.append(node)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._stack[-1].children.append(Node(tag, {k: v or "" for k, v in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self._stack) - 1, 0, -1):
+            if self._stack[i].tag == tag:
+                del self._stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self._stack[-1].children.append(data)
+
+    def backend_rows(self) -> dict[tuple[str, str], Node]:
+        table = self.root.find(id="backends")
+        assert table is not None, "the page has no table#backends"
+        return {(n.attrs["data-pool"], n.attrs["data-backend"]): n
+                for n in table.walk() if n.tag == "tr" and "data-pool" in n.attrs and "data-backend" in n.attrs}
+
+
+def cell(row: Node, name: str) -> str:
+    found = row.find(data_field=name)
+    assert found is not None, f"row {row.attrs} has no data-field={name!r} cell"
+    return found.text().strip()
+
+
+def shown_weight(weight: Any) -> str:
+    return "—" if weight is None else str(weight)
+
+
+def api_view(cp: ControlPlane, pools: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per backend, what the page must show, as the API reports it (never hard-coded here)."""
+    out = {}
+    for pool in pools:
+        code, body = http_json("GET", f"{cp.api}/v1/pools/{pool}")
+        assert code == 200, body
+        out.update({(pool, name): {"weight": b["weight"], "envoy_state": b["envoy_state"]}
+                    for name, b in body["backends"].items()})
+    return out
+
+
+def check_rows(dom: Dom, view: dict[tuple[str, str], dict[str, Any]], drained: frozenset[tuple[str, str]]) -> None:
+    rows = dom.backend_rows()
+    for key, api in sorted(view.items()):
+        assert cell(rows[key], "weight") == shown_weight(api["weight"]), (key, api)
+        state = rows[key].find(data_field="envoy_state")
+        pill = state and next((n for n in state.walk() if "data-state" in n.attrs), None)
+        assert pill is not None and pill.attrs["data-state"] == api["envoy_state"], (key, api)
+        action = "undrain" if key in drained else "drain"
+        assert rows[key].find(data_action=action) is not None, f"{key} has no {action} button"
+
+
+def load_page(binary: str, tmp: Path, cp: ControlPlane, expected: set[tuple[str, str]],
+              drained: frozenset[tuple[str, str]] = frozenset(),
+              deadline_s: float = 45.0) -> tuple[Dom, dict[tuple[str, str], dict[str, Any]]]:
+    """Dump the page's DOM until it shows a row for every expected backend (with an Undrain button exactly
+    for the `drained` ones); the DOM and the API's view read around the same dump (equal before and
+    after it, so the page cannot have raced a change)."""
+    deadline = time.monotonic() + deadline_s
+    attempts = []
+    while True:
+        pools = sorted({p for p, _ in expected})
+        before = api_view(cp, pools)
+        dom = Dom(run_chromium(binary, tmp, f"{cp.api}/", "--dump-dom"))
+        after = api_view(cp, pools)
+        rows = dom.backend_rows()
+        undrain = {key for key, row in rows.items() if row.find(data_action="undrain") is not None}
+        attempts.append(f"rows {sorted(rows)}, undrain {sorted(undrain)}, API stable {before == after}")
+        if expected <= set(rows) and undrain == drained and before == after:
+            print(f"the page showed the expected rows after {len(attempts)} dump(s)")
+            return dom, after
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page never showed every backend {sorted(expected)} (draining: {sorted(drained)}); "
+                                 f"per attempt: {attempts}")
+        time.sleep(1)
+
+
+def envoy_sees_all(cp: ControlPlane, expected: set[tuple[str, str]]) -> None:
+    """Wait until the API reports Envoy's own view: every backend healthy (read from its admin every 2 s)."""
+    pools = sorted({p for p, _ in expected})
+    wait_for(lambda: all(v["envoy_state"] == "healthy" for v in api_view(cp, pools).values()),
+             timeout=20, what="the API to report every backend healthy in Envoy's view")
+
+
+def test_live_page_shows_every_backend_with_its_weight(tmp_path):
+    binary = chromium_binary()
+    a, b = MockBackend("a"), MockBackend("b")
+    cp = None
+    try:
+        pools = {"chat": {"match": {"prefix": "/v1/"}, "strategy": "weighted", "timeout": "10s",
+                          "backends": {a.name: {"url": a.url, "weight": 3}, b.name: {"url": b.url, "weight": 1}}}}
+        cp = ControlPlane(tmp_path, pools)
+        counts, statuses = spread(cp.listener, 40, clients=4)
+        assert statuses == Counter({200: 40}), statuses
+
+        code, page = http_json("GET", f"{cp.api}/")
+        assert code == 200 and "<table id=\"backends\"" in str(page), page
+        expected = {(pool, name) for pool, p in pools.items() for name in p["backends"]}
+        envoy_sees_all(cp, expected)
+
+        started = time.monotonic()
+        dom, view = load_page(binary, tmp_path, cp, expected)
+        check_rows(dom, view, frozenset())
+        status = cp.status()
+        version = dom.root.find(id="config-version")
+        assert version is not None and version.text().strip() == status["config"]["version"]
+        banner = dom.root.find(id="banner")
+        assert banner is not None and "hidden" in banner.attrs, f"the page shows an error: {banner and banner.text()}"
+        dump_seconds = time.monotonic() - started
+
+        # A drained backend: the page says so and offers Undrain, with the weight the API still reports.
+        code, body = http_json("POST", f"{cp.api}/v1/pools/chat/backends/{b.name}/drain", {})
+        assert code == 200, body
+        drained = frozenset({("chat", b.name)})
+        dom, view = load_page(binary, tmp_path, cp, expected, drained)
+        check_rows(dom, view, drained)
+        code, body = http_json("POST", f"{cp.api}/v1/pools/chat/backends/{b.name}/undrain", {})
+        assert code == 200, body
+        envoy_sees_all(cp, expected)  # so the screenshot shows both backends in rotation
+        load_page(binary, tmp_path, cp, expected)
+
+        shot = tmp_path / "page.png"
+        run_chromium(binary, tmp_path, f"{cp.api}/", f"--screenshot={shot}", "--window-size=1280,900")
+        assert shot.exists(), "chromium wrote no screenshot"
+        data = shot.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 8 * 1024, f"{len(data)} bytes"
+        OUTPUT.mkdir(exist_ok=True)
+        shutil.copyfile(shot, OUTPUT / "page.png")
+        print(f"page rows in {dump_seconds:.1f}s; screenshot {len(data)} bytes at {OUTPUT / 'page.png'}")
+    finally:
+        if cp is not None:
+            cp.stop()
+        a.stop()
+        b.stop()
