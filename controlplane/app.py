@@ -20,6 +20,7 @@ from .alerts import Alerter
 from .api import start_api
 from .bootstrap import bootstrap, write_bootstrap
 from .config import Config
+from .controllers.alerting import AlertLoop
 from .controllers.budgets import BudgetController
 from .controllers.dns import refresh_dns
 from .controllers.drains import Drains
@@ -80,6 +81,9 @@ class App:
         self.reloader = ConfigReloader(config_path, self.reconciler, self.engine, lambda: self.budgets.verdict.shifted,
                                        watch_interval)
         self.drains = Drains(state_dir / "state.json", self.reconciler)
+        self.alerting = AlertLoop(self.alerter, self.config, lambda: self.envoy_hosts.states, self.telemetry.recent,
+                                  self.ads, lambda: self.reloader.status, lambda: self.budgets.verdict,
+                                  lambda: (self.xds_token,))
         self.envoy: EnvoyProcess | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -152,6 +156,7 @@ class App:
             asyncio.create_task(self.scoring.run(), name="scoring"),
             asyncio.create_task(Prober(self.config, self.telemetry.observe_health).run(), name="health-prober"),
             asyncio.create_task(self.envoy_hosts.run(), name="envoy-hosts"),
+            asyncio.create_task(self.alerting.run(), name="alerts"),
         ]
         if self.spool is not None:
             self._tasks.append(asyncio.create_task(self.spool.run(), name="spool-rotation"))
