@@ -5,13 +5,14 @@ Two ways in:
 - `update(conditions, hold)`: what holds now, as the alert loop (controllers/alerting.py) evaluates it
   every `controlplane.alerts.interval`. A key seen for the first time fires at once; a firing key that
   is no longer seen (and not in `hold`, whose truth is unknown right now) resolves. Flap guard: a key
-  that resolved fires again only once it has held for `COOLDOWN_INTERVALS` x interval after its
-  resolve; if it clears before, nothing is sent.
+  that resolved less than `COOLDOWN_INTERVALS` x interval ago does not fire again at once; if it still
+  holds when that time is up it fires then (`since`: when it came back), if it clears before, nothing
+  is sent. So a flapping condition costs at most one firing/resolved pair per cooldown.
 - `send(kind, message, **details)`: a one-shot event (budget thresholds, once per window). A
   `budget_exhausted` is also tracked as active, so it resolves when the alert loop no longer sees the
   window exhausted (next window, or a raised limit).
 
-Delivery: a token bucket allows at most `max_per_minute` POSTs in any minute (bursts of a sixth of it,
+Delivery: a token bucket allows at most `max_per_minute` POSTs in any 60 s (a burst of a sixth of it,
 the rest spread evenly; a retry takes a token too); waiting events are kept in order, at most
 QUEUE_LIMIT. On overflow the oldest *firing* event goes (with its resolve, queued or to come: a
 receiver never hears of half an episode), and only a queue holding nothing but resolves loses its
@@ -78,6 +79,7 @@ class Condition:
     backend: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
     cleared: str = ""  # the resolved event's message
+    flat: bool = False  # details also at the event's top level (the budget events always had them there)
 
     @property
     def severity(self) -> str:
@@ -147,6 +149,12 @@ async def post_json(url: str, timeout: float, body: bytes) -> None:
         async with session.post(url, data=body, headers={"content-type": "application/json"}) as resp:
             if resp.status >= 300:
                 raise WebhookError(f"HTTP {resp.status}")
+
+
+def _context(condition: Condition) -> dict[str, Any]:
+    """For a JSON log line (logs.py): which pool, backend, Envoy node and kind the alert is about."""
+    return {"kind": condition.kind, "pool": condition.pool, "backend": condition.backend,
+            "node": condition.details.get("node")}
 
 
 def _count(counter: dict[str, int], kind: str, by: int = 1) -> None:
@@ -238,21 +246,21 @@ class Alerter:
         cleared = (f"pool {pool!r} is within its {window}ly budget again (a new {window} began, or the limit "
                    f"was raised)" if kind == "budget_exhausted" else "")
         condition = Condition(kind, key, message, pool if isinstance(pool, str) else None,
-                              backend if isinstance(backend, str) else None, details, cleared)
+                              backend if isinstance(backend, str) else None, details, cleared, flat=True)
         if kind in TRACKED_ONE_SHOTS:
             if key in self._active:  # a new window's exhaustion while the last one's is still active
                 self._resolve(key, now)
             self._fire(condition, now, now)
             return
         _count(self.fired, kind)
-        log.warning("alert %s: %s", key, message)
+        log.warning("alert %s: %s", key, message, extra=_context(condition))
         self._enqueue("firing", condition, now, now, next(self._episodes))
 
     def _fire(self, condition: Condition, since: float, now: float) -> None:
         episode = next(self._episodes)
         alert = self._active[condition.key] = ActiveAlert(condition, since, now, episode, "queued")
         _count(self.fired, condition.kind)
-        log.warning("alert FIRING %s: %s", condition.key, condition.message)
+        log.warning("alert FIRING %s: %s", condition.key, condition.message, extra=_context(condition))
         alert.delivery = self._enqueue("firing", condition, since, now, episode)
 
     def _resolve(self, key: str, now: float) -> None:
@@ -260,7 +268,8 @@ class Alerter:
         self._resolved_at[key] = now
         condition = alert.condition
         _count(self.resolved, condition.kind)
-        log.info("alert resolved %s after %.1fs: %s", key, now - alert.since, condition.cleared or condition.message)
+        log.info("alert resolved %s after %.1fs: %s", key, now - alert.since, condition.cleared or condition.message,
+                 extra=_context(condition))
         if alert.delivery in ("dropped", "no_webhook"):
             return  # nobody was told it fired: nobody is told it ended
         self._enqueue("resolved", condition, alert.since, now, alert.episode)
@@ -272,7 +281,9 @@ class Alerter:
         if not settings.webhook:
             return "no_webhook"
         message = condition.message if event == "firing" else (condition.cleared or f"resolved: {condition.message}")
-        body: dict[str, Any] = {k: v for k, v in condition.details.items() if k not in CORE_FIELDS}
+        body: dict[str, Any] = {}
+        if condition.flat:
+            body.update((k, v) for k, v in condition.details.items() if k not in CORE_FIELDS)
         body.update(event=event, kind=condition.kind, key=condition.key, severity=condition.severity,
                     message=message, pool=condition.pool, backend=condition.backend, at=now, since=since,
                     details=dict(condition.details))
