@@ -120,7 +120,7 @@ class App:
             explain=self.engine.explain, spend=self.spend, ledger=self.flusher,
             budgets=lambda: self.budgets.verdict, access_log=self.access_log, envoy=lambda: self.envoy,
             recent=self.telemetry.recent, histograms=self.telemetry.histograms, envoy_hosts=self.envoy_hosts,
-            history=self.reconciler.history,
+            history=self.reconciler.history, alerts=self.alerter,
         )
 
     async def start(self) -> None:

@@ -9,6 +9,7 @@ request ids). A scrape costs O(backends) plus, per backend, one pass over its re
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -36,6 +37,7 @@ class SystemCollector(Collector):
         yield from self.views.histograms.families()
         yield from self._access_log()
         yield from self._ledger_and_envoy()
+        yield from self._alerts()
 
     def _config_and_xds(self) -> Iterator[Metric]:
         views = self.views
@@ -136,6 +138,26 @@ class SystemCollector(Collector):
                     envoy_state.add_metric([*labels, name], 1 if name == current else 0)
                 draining.add_metric(labels, 1 if (pool, backend) in state.drained else 0)
         yield from (requests, share, p95, window_errors, envoy_state, draining)
+
+    def _alerts(self) -> Iterator[Metric]:
+        counts = self.views.alerts.counters()
+        events = CounterMetricFamily("llm_lb_alerts", "Alert events raised, by kind and event (firing, resolved)",
+                                     labels=["kind", "event"])
+        for event in ("fired", "resolved"):
+            for kind, count in sorted(counts[event].items()):
+                events.add_metric([kind, "firing" if event == "fired" else "resolved"], count)
+        yield events
+        active = GaugeMetricFamily("llm_lb_alerts_active", "Alerts firing now, by kind", labels=["kind"])
+        for kind, count in sorted(Counter(a["kind"] for a in self.views.alerts.active()).items()):
+            active.add_metric([kind], count)
+        yield active
+        delivery = CounterMetricFamily("llm_lb_alert_deliveries",
+                                       "Webhook POSTs by outcome (failed: after every retry; dropped: queue full)",
+                                       labels=["outcome"])
+        for outcome in ("sent", "failed", "dropped"):
+            delivery.add_metric([outcome], sum(counts[outcome].values()))
+        yield delivery
+        yield GaugeMetricFamily("llm_lb_alert_queue", "Alert events waiting for the rate limit", value=counts["queued"])
 
     def _suspicious(self) -> CounterMetricFamily:
         """Requests whose usage block could not be true (estimated instead), from each pool's explanation

@@ -39,6 +39,8 @@ def status(views: Views) -> dict[str, Any]:
         "nodes": views.xds.node_status(),
         "in_sync": views.xds.in_sync(),
         "api": {"token_required": config.controlplane.api.token is not None},
+        "alerts": views.alerts.active(),
+        "alert_counts": views.alerts.counters(),
         "envoy_view": {"read_at": views.envoy_hosts.read_at, "error": views.envoy_hosts.error},
         "grpc_auth": {"mtls": config.controlplane.xds.tls is not None,
                       "unauthenticated_refused": dict(views.xds.stats.unauthenticated)},

@@ -120,6 +120,16 @@ class LedgerView(Protocol):
     def last_flush(self) -> float: ...
 
 
+class AlertsView(Protocol):
+    def active(self) -> list[dict[str, Any]]:
+        """The alerts firing now, oldest first."""
+        ...
+
+    def counters(self) -> dict[str, Any]:
+        """fired, resolved, sent, failed, dropped: per kind; queued, active: counts."""
+        ...
+
+
 @dataclass(frozen=True)
 class Views:
     config: ConfigView
@@ -139,6 +149,7 @@ class Views:
     histograms: GenAiHistograms  # the OTel GenAI histograms
     envoy_hosts: EnvoyHosts  # Envoy's own view of each backend (ejected, failing checks)
     history: WeightHistory  # the last weight changes Envoy was sent
+    alerts: AlertsView  # what fires now, and what was sent
 
     def pushed_weights(self) -> Weights:
         """What Envoy was sent, not what is about to be."""

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .harness import ControlPlane, Load, MockBackend, free_port, wait_for
+from .harness import ControlPlane, Load, MockBackend, free_port, http_json, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -164,6 +164,9 @@ def test_rejected_edit_and_envoy_nack_fire_and_resolve(tmp_path, mocks):
                             what="config_rejected firing")[0]
         assert rejected["event"] == "firing" and rejected["key"] == "config_rejected"
         assert any("weight" in err for err in rejected["details"]["errors"]), rejected
+        assert [a["key"] for a in cp.status()["alerts"]] == ["config_rejected"]  # what the page shows
+        _, text = http_json("GET", f"{cp.api}/metrics")
+        assert 'llm_lb_alerts_active{kind="config_rejected"} 1.0' in str(text)
         cp.write_config(text=good)
         wait_for(lambda: len(receiver.events(lambda e: e["kind"] == "config_rejected")) == 2, timeout=10,
                  what="config_rejected resolved")

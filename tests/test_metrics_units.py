@@ -17,7 +17,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane import metrics
-from controlplane.config import Config
+from controlplane.alerts import Alerter, Condition
+from controlplane.config import Alerts, Config
 from controlplane.history import WeightHistory
 from controlplane.scoring.budget import BudgetVerdict
 from controlplane.scoring.ledger import Spend
@@ -301,6 +302,10 @@ def fake_views(hosts_error: str | None = None) -> Views:
     hosts.read_at, hosts.error = (0.0, hosts_error) if hosts_error else (now, None)
     xds = XdsStats(pushes={"CDS": 2, "EDS": 5}, acks={"CDS": 2, "EDS": 4}, nacks={"EDS": 1})
     fake: Any = SimpleNamespace
+    alerter = Alerter(lambda: Alerts())  # no webhook: tracked and counted, nothing sent
+    alerter.update([Condition("backend_ejected", "backend_ejected:chat:b", "b is ejected", "chat", "b"),
+                    Condition("error_rate", "error_rate:chat:b", "b fails", "chat", "b")], now=now - 60)
+    alerter.update([Condition("backend_ejected", "backend_ejected:chat:b", "b is ejected", "chat", "b")], now=now)
     return Views(
         config=fake(reloads=2, rejected=1, errors=[], path=None, digest="d", loaded_at=0.0, restart_pending=[]),
         state=lambda: state, published=lambda: state, build_failures=lambda: 0, snapshot=lambda: None,
@@ -312,7 +317,7 @@ def fake_views(hosts_error: str | None = None) -> Views:
         budgets=lambda: BudgetVerdict(),
         access_log=fake(messages=3, entries=25, errors=0, streams={"node": 2}, lag_seconds=0.125),
         envoy=lambda: None,
-        recent=recent, histograms=gen_ai, envoy_hosts=hosts, history=WeightHistory(),
+        recent=recent, histograms=gen_ai, envoy_hosts=hosts, history=WeightHistory(), alerts=alerter,
     )
 
 
@@ -336,6 +341,12 @@ def test_rendering_every_family_from_the_views() -> None:
     assert all(one(found, "llm_lb_backend_requests_total", **idle, status_class=c) == 0
                for c in ("2xx", "3xx", "4xx", "5xx", "none"))
     assert not any(dict(labels).get("backend") == "gone" for _, labels in found)
+    # alerts: both fired, one resolved, one firing now; nothing sent without a webhook
+    assert one(found, "llm_lb_alerts_total", kind="backend_ejected", event="firing") == 1
+    assert one(found, "llm_lb_alerts_total", kind="error_rate", event="resolved") == 1
+    assert one(found, "llm_lb_alerts_active", kind="backend_ejected") == 1
+    assert ("llm_lb_alerts_active", (("kind", "error_rate"),)) not in found
+    assert one(found, "llm_lb_alert_deliveries_total", outcome="sent") == 0
     # the 60 s window
     assert one(found, "llm_lb_backend_traffic_share", **a) == 0.8
     assert one(found, "llm_lb_backend_traffic_share", **b) == 0.2
