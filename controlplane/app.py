@@ -73,6 +73,8 @@ class App:
         self.spool = None if spool_path is None else Spool(
             spool_path, node_id, self.spend, self.ledger, self.flusher, self.access_log, self.config,
             self._envoy_admin_url)
+        # Client request limits are per Envoy process: divided by how many are connected (at least one).
+        self.ads.on_streams = lambda count: self.reconciler.propose(envoys=max(1, count))
         self.envoy_hosts = EnvoyHosts(self._envoy_admin_source, lambda: self.reconciler.state)
         self.reconciler.history.reason = lambda pool, backend: self.engine.explain(pool)["backends"][backend]["reason"]
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)

@@ -49,7 +49,8 @@ BUILDERS: Mapping[str, tuple[frozenset[str], Builder]] = {
     typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained"}), _endpoints),
     typeurls.LISTENER: (frozenset({"config", "xds_token", "spool_path"}),
                         lambda s, _p, _b: resources.listeners(s.config, s.xds_token, s.spool_path)),
-    typeurls.ROUTE: (frozenset({"config", "rejected"}), lambda s, _p, _b: resources.routes(s.config, s.rejected)),
+    typeurls.ROUTE: (frozenset({"config", "rejected", "blocked", "envoys"}),
+                     lambda s, _p, _b: resources.routes(s.config, s.rejected, s.blocked, s.envoys)),
 }
 
 

@@ -32,12 +32,15 @@ class DesiredState:
     addresses: Addresses = field(default_factory=_empty)
     drained: Drained = frozenset()
     rejected: Mapping[str, str] = field(default_factory=_empty)  # pool -> why Envoy answers 429 for it
+    # client -> (error code, message, Retry-After seconds): over its budget or tokens per minute, answered 429
+    blocked: Mapping[str, tuple[str, str, int]] = field(default_factory=_empty)
+    envoys: int = 1  # Envoys connected: each client's request limit is divided among them
     xds_token: str = field(default="", repr=False)  # what Envoy sends to authenticate its access-log streams
     spool_path: str | None = None  # where the managed Envoy also logs each request (telemetry/spool.py)
 
     def replace(self, **changes: Any) -> DesiredState:
         """A new state with some parts changed; mappings are frozen so no holder can edit them later."""
-        for name in ("weights", "addresses", "rejected"):
+        for name in ("weights", "addresses", "rejected", "blocked"):
             if name in changes:
                 changes[name] = _freeze(changes[name])
         return dataclasses.replace(self, **changes)

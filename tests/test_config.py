@@ -109,7 +109,7 @@ BAD_CASES = {
     ),
     "unknown_top_level": (
         MINIMAL + "extra: 1\n",
-        ["pools.yaml:6: field 'extra': unknown key 'extra' (allowed: envoy, controlplane, pools)"],
+        ["pools.yaml:6: field 'extra': unknown key 'extra' (allowed: envoy, controlplane, clients, pools)"],
     ),
     "wrong_type": (
         MINIMAL.replace('a: {url: "http://127.0.0.1:9001"}', 'a: {url: "http://127.0.0.1:9001", weight: lots}'),

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from .model import Config
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_SECRET_FIELDS = frozenset({"api_key", "token"})  # only from the environment, never echoed
+_SECRET_FIELDS = frozenset({"api_key", "token", "key"})  # only from the environment, never echoed
 _HIDDEN_FIELDS = _SECRET_FIELDS | {"webhook"}  # never echoed (webhook URLs often carry a token)
 
 MAX_CONFIG_BYTES = 1 << 20  # 1 MiB: far above any real config, far below what hurts
@@ -76,7 +76,7 @@ def _too_big(source: str) -> str:
 
 def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] | None = None) -> Config:
     env = os.environ if env is None else env
-    data, lines, errors = read_yaml(text, source, "a 'pools' section", "envoy, controlplane, pools")
+    data, lines, errors = read_yaml(text, source, "a 'pools' section", "envoy, controlplane, clients, pools")
     failed: set[tuple[Any, ...]] = set()
     written: Written = {}
     data = _substitute(data, (), env, lines, errors, source, failed, written)

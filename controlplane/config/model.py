@@ -403,6 +403,49 @@ class PoolAlerts(_Model):
     window: Duration = timedelta(seconds=60)
 
 
+class ClientLimits(_Model):
+    """Enforced by Envoy for requests (its local rate limit) and by the control plane for tokens (from the
+    access log, a route change once a client is over): see the README on how exact each is."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+
+
+class ClientBudget(_Model):
+    """Spend per client; exhausted: Envoy answers the client's requests 429 naming the budget until the
+    window rolls over."""
+
+    hourly: float | None = Field(None, gt=0)
+    daily: float | None = Field(None, gt=0)
+    alert_thresholds: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [0.7, 0.9])
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> ClientBudget:
+        if self.hourly is None and self.daily is None:
+            raise ValueError("a budget needs hourly, daily or both")
+        return self
+
+
+# An API key as clients send it (`Authorization: Bearer <key>` or `x-api-key`): printable, no spaces.
+_CLIENT_KEY = re.compile(r"[\x21-\x7e]{16,512}")
+
+
+class Client(_Model):
+    """Who may call the listener (once any client is configured, every request needs a key)."""
+
+    key: SecretStr = Field(repr=False)
+    limits: ClientLimits = ClientLimits()
+    budget: ClientBudget | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: SecretStr) -> SecretStr:
+        if not _CLIENT_KEY.fullmatch(value.get_secret_value()):
+            raise ValueError("key must be 16 to 512 printable characters without spaces "
+                             "(e.g. openssl rand -hex 32)")
+        return value
+
+
 class Cost(_Model):
     input_per_1k: float = Field(0.0, ge=0)
     output_per_1k: float = Field(0.0, ge=0)
@@ -417,7 +460,9 @@ class Backend(_Model):
     cost: Cost = Cost()
     quality: float = Field(0.5, ge=0, le=1)
     expected_latency_ms: float | None = Field(None, gt=0)
+    # The provider's quota: the control plane caps this backend's share so its projected rate stays under.
     max_requests_per_minute: int | None = Field(None, ge=1)
+    max_tokens_per_minute: int | None = Field(None, ge=1)
     # The model name this backend expects; Envoy rewrites the body's `model` to it for this backend only.
     model: ModelName | None = None
 
@@ -495,6 +540,7 @@ class Pool(_Model):
 class Config(_Model):
     envoy: EnvoySettings = EnvoySettings()
     controlplane: ControlPlaneSettings = ControlPlaneSettings()
+    clients: dict[Name, Client] = Field(default_factory=dict)  # none: the listener is open to whoever reaches it
     pools: dict[Name, Pool] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -507,6 +553,7 @@ class Config(_Model):
                 problems.append(f"port {addr.port} of {label} is also used by {other[0]}")
             seen.setdefault(addr.port, (label, addr.address))
         problems += _routing_conflicts(self.pools)
+        problems += _shared_keys(self.clients)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -555,6 +602,15 @@ def _routing_conflicts(pools: dict[str, Pool]) -> list[str]:
                     f"pools {a!r} (prefix {ma.prefix!r}) and {b!r} (prefix {mb.prefix!r}) both serve "
                     f"model {', '.join(map(repr, both))}: a model may be served by one pool per path")
     return problems
+
+
+def _shared_keys(clients: dict[str, Client]) -> list[str]:
+    """A key names one client: two clients with one key could not be told apart (named, never shown)."""
+    owners: dict[str, list[str]] = {}
+    for name, client in sorted(clients.items()):
+        owners.setdefault(client.key.get_secret_value(), []).append(name)
+    return [f"clients {', '.join(map(repr, names))} have the same key; each client needs its own"
+            for names in owners.values() if len(names) > 1]
 
 
 def _overlap(a: str, b: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import hmac
 import json
 import math
@@ -114,6 +115,9 @@ class MockServer(ThreadingHTTPServer):
             ("requests", "completions", "errors", "in_flight", "prompt_tokens", "completion_tokens"), 0
         )
         self.models: dict[str, int] = {}  # the `model` of each chat request, as this backend received it
+        # sha256 prefixes of the credentials requests arrived with (authorization, x-api-key), never the values:
+        # a test can check that a client's own key never reached a backend.
+        self.credentials: dict[str, int] = {}
         super().__init__((host, port), MockHandler)
         if settings.tls_cert:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -183,6 +187,7 @@ class MockHandler(BaseHTTPRequestHandler):
         }
         if path.startswith("/v1/"):
             self.server.bump(requests=1, in_flight=1)
+            self._note_credentials()
         try:
             if path not in routes:
                 return self._json(404, error_body(f"no route for {path}", code="not_found"))
@@ -218,6 +223,15 @@ class MockHandler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             raise InvalidInputError("request body too large")
         return self.rfile.read(length) if length > 0 else b""
+
+    def _note_credentials(self) -> None:
+        for header in ("Authorization", "X-Api-Key"):
+            value = self.headers.get(header)
+            if value:
+                digest = hashlib.sha256(value.removeprefix("Bearer ").encode()).hexdigest()[:16]
+                with self.server.lock:
+                    if digest in self.server.credentials or len(self.server.credentials) < 64:
+                        self.server.credentials[digest] = self.server.credentials.get(digest, 0) + 1
 
     def _authorized(self) -> bool:
         key = self.server.api_key
@@ -259,7 +273,8 @@ class MockHandler(BaseHTTPRequestHandler):
 
     def _stats(self, _body: bytes) -> None:
         with self.server.lock:
-            stats = {"name": self.server.settings.name, **self.server.stats, "models": dict(self.server.models)}
+            stats = {"name": self.server.settings.name, **self.server.stats, "models": dict(self.server.models),
+                     "credentials": dict(self.server.credentials)}
         self._json(200, stats)
 
     def _chat(self, body: bytes) -> None:

@@ -30,6 +30,7 @@ log = logging.getLogger("controlplane.telemetry")
 USAGE_NS = "llm_lb.usage"
 CHARS_PER_TOKEN = 4  # for estimates when a response carries no usage block
 MODEL_HEADER = "x-llm-model"  # the requested model: Envoy logs it via additional_request_headers_to_log
+CLIENT_HEADER = "x-llm-client"  # the caller's client name: set by Envoy from its key (never by the caller)
 MODEL_TAG = "model"  # the served model, when the backend has a name of its own for it (a custom tag)
 MAX_MODEL_CHARS = 256  # the requested name is the client's: a bound on what it may make us keep
 
@@ -82,6 +83,8 @@ class Observation(NamedTuple):
     requested_model: str  # as the app asked for it; "" when the request named none
     model: str  # as served: the backend's own name for it, else the requested one; "" when neither
     usage_suspicious: bool = False  # a count was reported but could not be true: estimated instead
+    client: str = ""  # the calling client's name (clients configured), from the header Envoy set from its key
+    retry_after: str = ""  # the backend's Retry-After on a 429/503, as sent (parsed where it is used)
 
     @property
     def charged(self) -> bool:
@@ -218,6 +221,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
     raw_quality = headers.get("x-quality-score") if headers else None
     request_headers = request.request_headers
     requested = request_headers.get(MODEL_HEADER, "")[:MAX_MODEL_CHARS] if request_headers else ""
+    client = request_headers.get(CLIENT_HEADER, "")[:MAX_MODEL_CHARS] if request_headers else ""
     tags = common.custom_tags
     model = tags.get(MODEL_TAG, "")[:MAX_MODEL_CHARS] or requested
     address = common.upstream_remote_address
@@ -237,6 +241,8 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         requested,
         model,
         suspicious,
+        client,
+        headers.get("retry-after", "")[:32] if headers else "",
     )
 
 

@@ -31,8 +31,11 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.extensions.filters.http.api_key_auth.v3 import api_key_auth_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.json_to_metadata.v3 import json_to_metadata_pb2 as j2m_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.http.transform.v3 import transform_pb2
@@ -50,15 +53,15 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.tracing.v3 import custom_tag_pb2
-from envoy.type.v3 import percent_pb2, range_pb2
+from envoy.type.v3 import http_status_pb2, percent_pb2, range_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from ..bootstrap import AUTH_HEADER, XDS_CLUSTER
-from ..config import CircuitBreaker, Config, HealthCheck, OutlierDetection, Pool
+from ..config import CircuitBreaker, Client, Config, HealthCheck, OutlierDetection, Pool
 from ..state import Addresses, Drained, Weights
 from ..telemetry import spool
-from ..telemetry.accesslog import MAX_MODEL_CHARS, MODEL_HEADER, MODEL_TAG, USAGE_NS
+from ..telemetry.accesslog import CLIENT_HEADER, MAX_MODEL_CHARS, MODEL_HEADER, MODEL_TAG, USAGE_NS
 from . import typeurls
 
 LISTENER_NAME = "ingress"
@@ -77,6 +80,13 @@ USAGE_SOURCE = "usage"  # the stream scanner's name in the usage filter's source
 JSON_TYPES = ("application/json", "application/json; charset=utf-8", "application/json;charset=utf-8",
               "application/json; charset=UTF-8")
 MODELS_PATH = "/v1/models"
+API_KEY_FILTER = "envoy.filters.http.api_key_auth"
+RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key")  # where clients put their key (OpenAI / Anthropic style)
+_CLIENT_DESCRIPTOR = "client"
+Blocked = Mapping[str, tuple[str, str, int]]  # client -> (error code, message, Retry-After seconds)
+RATE_LIMITED_STATUS = 402  # what the client limit answers; never a local reply otherwise (mapped to 429)
+RATE_WINDOW = 60  # seconds: limits are per minute, one bucket refilled whole each minute
 
 
 
@@ -123,8 +133,9 @@ def listeners(config: Config, xds_token: str = "", spool_path: str | None = None
     return {LISTENER_NAME: listener(config, xds_token, spool_path)}
 
 
-def routes(config: Config, rejected: Mapping[str, str] | None = None) -> dict[str, Message]:
-    return {ROUTE_NAME: route_configuration(config, rejected or {})}
+def routes(config: Config, rejected: Mapping[str, str] | None = None, blocked: Blocked | None = None,
+           envoys: int = 1) -> dict[str, Message]:
+    return {ROUTE_NAME: route_configuration(config, rejected or {}, blocked, envoys)}
 
 
 def build(
@@ -135,13 +146,15 @@ def build(
     rejected: Mapping[str, str] | None = None,
     xds_token: str = "",
     spool_path: str | None = None,
+    blocked: Blocked | None = None,
+    envoys: int = 1,
 ) -> dict[str, dict[str, Message]]:
     """Every resource Envoy needs, keyed by type URL and resource name."""
     return {
         typeurls.CLUSTER: clusters(config),
         typeurls.ENDPOINT: endpoints(config, weights, addresses, drained),
         typeurls.LISTENER: listeners(config, xds_token, spool_path),
-        typeurls.ROUTE: routes(config, rejected),
+        typeurls.ROUTE: routes(config, rejected, blocked, envoys),
     }
 
 
@@ -216,22 +229,89 @@ def _strip_internal_headers() -> list[extension_pb2.TypedExtensionConfig]:
         name="llm_lb.strip",
         typed_config=_any(early_mutation_pb2.HeaderMutation(mutations=[
             mutation_rules_pb2.HeaderMutation(remove=name)
-            for name in (MODEL_HEADER, STREAM_HEADER, UPSTREAM_MODEL_HEADER, "x-request-id")
+            for name in (MODEL_HEADER, STREAM_HEADER, UPSTREAM_MODEL_HEADER, CLIENT_HEADER, "x-request-id")
         ])),
     )]
 
 
 def _local_replies(limit_kb: int) -> hcm_pb2.LocalReplyConfig:
-    """Envoy's own 413 (body over the buffer limit) as an OpenAI-style JSON error naming the limit."""
+    """Envoy's own answers as OpenAI-style JSON errors: 413 (body over the buffer limit, naming the limit),
+    401 (no valid client key), and a client's request limit. That one is answered with RATE_LIMITED_STATUS
+    and turned into 429 here: a mapper cannot tell it from the 429s of budget routes by its flag (the rate
+    limit filter sets it after its reply) and those carry their own bodies."""
     message = (f"request body too large: the limit is {limit_kb} KiB "
                "(envoy.listener.per_connection_buffer_limit_kb)")
-    return hcm_pb2.LocalReplyConfig(mappers=[hcm_pb2.ResponseMapper(
-        filter=accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
-            comparison=accesslog_pb2.ComparisonFilter(
-                op=accesslog_pb2.ComparisonFilter.EQ,
-                value=base_pb2.RuntimeUInt32(default_value=413, runtime_key="llm_lb.local_reply.413")))),
-        body_format_override=_json_error(message, "invalid_request_error", "request_too_large"),
-    )])
+    return hcm_pb2.LocalReplyConfig(mappers=[
+        hcm_pb2.ResponseMapper(filter=_status_is(413), body_format_override=_json_error(
+            message, "invalid_request_error", "request_too_large")),
+        hcm_pb2.ResponseMapper(filter=_status_is(401), body_format_override=_json_error(
+            "missing or invalid API key: send 'Authorization: Bearer <key>' with the key you were given",
+            "invalid_request_error", "invalid_api_key")),
+        hcm_pb2.ResponseMapper(  # the client limit answers 402 (see client_settings), shown to clients as 429
+            filter=_status_is(RATE_LIMITED_STATUS), status_code=wrappers_pb2.UInt32Value(value=429),
+            body_format_override=_json_error(
+                "rate limit reached: this client's requests_per_minute is used up; retry after the time in "
+                "the Retry-After header", "requests", "rate_limit_exceeded")),
+    ])
+
+
+def _status_is(code: int) -> accesslog_pb2.AccessLogFilter:
+    return accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
+        comparison=accesslog_pb2.ComparisonFilter(
+            op=accesslog_pb2.ComparisonFilter.EQ,
+            value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"llm_lb.local_reply.{code}"))))
+
+
+def _client_filters() -> list[hcm_pb2.HttpFilter]:
+    """Client keys and request limits: the filters sit in the listener with no settings of their own; the
+    keys and limits live in the route configuration (client_settings), so an edit is an RDS update that
+    every connection sees at once (a listener update would leave open connections on the old keys)."""
+    return [
+        hcm_pb2.HttpFilter(name=API_KEY_FILTER, typed_config=_any(api_key_auth_pb2.ApiKeyAuth())),
+        hcm_pb2.HttpFilter(name=RATE_LIMIT_FILTER, typed_config=_any(
+            local_rate_limit_pb2.LocalRateLimit(stat_prefix="llm_lb_clients"))),
+    ]
+
+
+def client_settings(clients: Mapping[str, Client], envoys: int = 1) -> dict[str, any_pb2.Any]:
+    """Per-filter settings for the virtual host: who may call, and each client's requests per minute
+    divided across the `envoys` that share the limit (each Envoy keeps its own bucket)."""
+    keys = api_key_auth_pb2.ApiKeyAuthPerRoute(
+        credentials=[api_key_auth_pb2.Credential(key=c.key.get_secret_value(), client=name)
+                     for name, c in sorted(clients.items())],
+        key_sources=[api_key_auth_pb2.KeySource(header=h) for h in CLIENT_KEY_HEADERS],
+        forwarding=api_key_auth_pb2.Forwarding(header=CLIENT_HEADER, hide_credentials=True),
+    )
+    limits = local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix="llm_lb_clients",
+        status=http_status_pb2.HttpStatus(code=RATE_LIMITED_STATUS),
+        token_bucket=token_bucket_pb2.TokenBucket(  # requests of no limited client: not limited
+            max_tokens=1 << 30, tokens_per_fill=wrappers_pb2.UInt32Value(value=1 << 30),
+            fill_interval=duration_pb2.Duration(seconds=1)),
+        filter_enabled=_always(), filter_enforced=_always(),
+        rate_limits=[route_components_pb2.RateLimit(actions=[route_components_pb2.RateLimit.Action(
+            request_headers=route_components_pb2.RateLimit.Action.RequestHeaders(
+                header_name=CLIENT_HEADER, descriptor_key=_CLIENT_DESCRIPTOR, skip_if_absent=True))])],
+        response_headers_to_add=[base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key="retry-after", value=str(RATE_WINDOW)),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)],
+    )
+    for name, client in sorted(clients.items()):
+        rpm = client.limits.requests_per_minute
+        if rpm is None:
+            continue
+        share = max(1, -(-rpm // max(1, envoys)))  # ceil: a limit is never rounded to zero
+        limits.descriptors.add(
+            entries=[ratelimit_pb2.RateLimitDescriptor.Entry(key=_CLIENT_DESCRIPTOR, value=name)],
+            token_bucket=token_bucket_pb2.TokenBucket(
+                max_tokens=share, tokens_per_fill=wrappers_pb2.UInt32Value(value=share),
+                fill_interval=duration_pb2.Duration(seconds=RATE_WINDOW)))
+    return {API_KEY_FILTER: _any(keys), RATE_LIMIT_FILTER: _any(limits)}
+
+
+def _always() -> base_pb2.RuntimeFractionalPercent:
+    return base_pb2.RuntimeFractionalPercent(default_value=percent_pb2.FractionalPercent(
+        numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED))
 
 
 def _json_error(message: str, kind: str, code: str, param: str | None = None) -> format_pb2.SubstitutionFormatString:
@@ -264,8 +344,8 @@ def _access_log(xds_token: str) -> accesslog_pb2.AccessLog:
                     buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
                     custom_tags=[backend_tag, _host_tag(MODEL_TAG, _MODEL_KEY)],
                 ),
-                additional_request_headers_to_log=[MODEL_HEADER],
-                additional_response_headers_to_log=["x-quality-score"],
+                additional_request_headers_to_log=[MODEL_HEADER, CLIENT_HEADER],
+                additional_response_headers_to_log=["x-quality-score", "retry-after"],
             )
         ),
     )
@@ -327,6 +407,7 @@ def listener(config: Config, xds_token: str = "", spool_path: str | None = None)
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_NAME),
         early_header_mutation_extensions=_strip_internal_headers(),
         http_filters=[
+            *(_client_filters() if config.clients else []),  # first: a request without a key reads no body
             _request_fields_filter(),
             _json_usage_filter(),
             _usage_filter(),
@@ -366,7 +447,8 @@ def listener(config: Config, xds_token: str = "", spool_path: str | None = None)
     )
 
 
-def route_configuration(config: Config, rejected: Mapping[str, str] | None = None) -> route_pb2.RouteConfiguration:
+def route_configuration(config: Config, rejected: Mapping[str, str] | None = None, blocked: Blocked | None = None,
+                        envoys: int = 1) -> route_pb2.RouteConfiguration:
     """Routes per path prefix, the longest first, so specific pools win.
 
     At a prefix whose pools name their models, each model routes to its pool
@@ -377,7 +459,7 @@ def route_configuration(config: Config, rejected: Mapping[str, str] | None = Non
     `rejected` (budget exhausted, action `reject`) is answered 429 by Envoy.
     """
     rejected = rejected or {}
-    routes: list[route_components_pb2.Route] = []
+    routes: list[route_components_pb2.Route] = [_blocked(name, *why) for name, why in sorted((blocked or {}).items())]
     if config.routes_by_model:
         routes += _model_list_routes(config)
     by_prefix: dict[str, list[tuple[str, Pool]]] = {}
@@ -400,12 +482,33 @@ def route_configuration(config: Config, rejected: Mapping[str, str] | None = Non
             routes += _forward(*default, _by_model(prefix), rejected)
         served = sorted(m for _, p in candidates for m in p.match.named_models)
         routes += _model_errors(prefix, served)
+    host = route_components_pb2.VirtualHost(name="pools", domains=["*"], routes=routes)
+    if config.clients:
+        for name, settings in client_settings(config.clients, envoys).items():
+            host.typed_per_filter_config[name].CopyFrom(settings)
     return route_pb2.RouteConfiguration(
         name=ROUTE_NAME,
-        virtual_hosts=[route_components_pb2.VirtualHost(name="pools", domains=["*"], routes=routes)],
+        virtual_hosts=[host],
         # Envoy's default (4 KiB) would refuse a long model list.
         max_direct_response_body_size_bytes=wrappers_pb2.UInt32Value(value=1 << 20),
     )
+
+
+def _blocked(client: str, code: str, message: str, retry_after: int) -> route_components_pb2.Route:
+    """A client over its budget or its tokens per minute: Envoy answers it 429 until the control plane lifts
+    the block. The client header is Envoy's (set from the key), so only that client matches; it is present
+    once the body has been read and the route matched again (the request-fields filter)."""
+    route = route_components_pb2.Route(name=f"client/{client}", match=route_components_pb2.RouteMatch(
+        prefix="/", headers=[route_components_pb2.HeaderMatcher(
+            name=CLIENT_HEADER, string_match=string_pb2.StringMatcher(exact=client))]))
+    route.direct_response.status = 429
+    route.direct_response.body.inline_string = json.dumps(
+        {"error": {"message": message, "type": "requests", "code": code, "client": client}})
+    route.response_headers_to_add.append(_json_content_type())
+    route.response_headers_to_add.append(base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key="retry-after", value=str(max(1, retry_after))),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
+    return route
 
 
 def _by_model(prefix: str, exact: str | None = None) -> route_components_pb2.RouteMatch:

@@ -255,6 +255,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._disconnected: OrderedDict[str, float] = OrderedDict()
         self._nonces = itertools.count(1)
         self._stream_ids = itertools.count(1)
+        # Told the number of Envoy processes (open ADS streams) whenever it changes: limits are divided by it.
+        self.on_streams: Callable[[int], None] | None = None
 
     @property
     def nodes(self) -> Mapping[str, NodeState]:
@@ -345,6 +347,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         log.info("envoy %s connected (cluster %r, stream %d)", node_id, node.cluster, stream.id,
                  extra={"node": node_id})
         self._forget()
+        self._streams_changed()
         return node, stream
 
     def _close(self, node: NodeState, stream: StreamState) -> None:
@@ -355,6 +358,18 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             node.disconnected_at = self._clock()
             self._disconnected[node.id] = node.disconnected_at
         self._forget()
+        self._streams_changed()
+
+    def open_streams(self) -> int:
+        """Envoy processes connected now (each holds one ADS stream; two may share a node id)."""
+        return sum(node.streams for node in self._nodes.values())
+
+    def _streams_changed(self) -> None:
+        if self.on_streams is not None:
+            try:
+                self.on_streams(self.open_streams())
+            except Exception:  # noqa: BLE001 - a listener's bug must not break the stream
+                log.exception("stream-count listener failed")
 
     def _forget(self) -> None:
         """Drop nodes disconnected longer than `forget_after`, and the oldest beyond `max_disconnected`."""
