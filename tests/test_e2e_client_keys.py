@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -140,5 +142,69 @@ def test_without_clients_the_listener_stays_open(tmp_path):
         assert ask(sdk(cp, "anything"))
         wait_for(lambda: backend_stats(a)["requests"] == 1, what="the request at the backend")
     finally:
+        cp.stop()
+        a.stop()
+
+
+async def _second_envoy(target: str, token: str, opened: asyncio.Event, close: asyncio.Event) -> None:
+    """An ADS stream as a second Envoy would open it (authenticated), held until `close` is set."""
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    from controlplane.xds import typeurls
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources(
+            metadata=(("authorization", f"Bearer {token}"),))
+        await call.write(discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="second-envoy"),
+                                                        type_url=typeurls.CLUSTER))
+        await call.read()
+        opened.set()
+        await close.wait()
+        call.cancel()
+
+
+def test_request_limits_are_divided_across_connected_envoys(tmp_path):
+    a = MockBackend("a")
+    limit = 20
+    cp = start(tmp_path, {"a": a}, {"web-app": {"key": "${WEB_APP_KEY}", "limits": {"requests_per_minute": limit}}})
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        def admitted(count: int) -> int:
+            client, ok = sdk(cp, WEB_KEY), 0
+            for _ in range(count):
+                try:
+                    ask(client)
+                    ok += 1
+                except openai.RateLimitError:
+                    pass
+            return ok
+
+        def routes_version() -> str:
+            return cp.status()["snapshot"]["RDS"]
+
+        def envoy_has(version: str) -> bool:
+            node = next(n for n in cp.status()["nodes"] if n["id"] == "llm-lb-local")
+            return node["acked"].get("RDS") == version
+
+        before = routes_version()
+        token = (tmp_path / "state" / "xds-token").read_text().strip()
+        opened, close = asyncio.Event(), asyncio.Event()
+        held = asyncio.run_coroutine_threadsafe(
+            _second_envoy(f"127.0.0.1:{cp.ports['xds']}", token, opened, close), loop)
+        halved = wait_for(lambda: (v := routes_version()) != before and v, what="limits re-divided for 2 Envoys")
+        wait_for(lambda: envoy_has(halved), what="the managed Envoy to take the halved limit")
+        assert admitted(limit) == limit // 2
+
+        loop.call_soon_threadsafe(close.set)
+        held.result(timeout=10)
+        whole = wait_for(lambda: (v := routes_version()) != halved and v, what="limits re-divided for 1 Envoy")
+        wait_for(lambda: envoy_has(whole), what="the managed Envoy to take the whole limit")
+        assert admitted(limit + 5) == limit
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
         cp.stop()
         a.stop()
