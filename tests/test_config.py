@@ -93,7 +93,8 @@ def test_bad_durations(bad):
 def test_shipped_configs_are_valid():
     files = [ROOT / "configs" / "demo.yaml", *sorted((ROOT / "configs" / "examples").glob("*.yaml"))]
     assert len(files) >= 2
-    env = {"OPENAI_API_KEY": "x", "PROVIDER_B_KEY": "x", "RAG_API_KEY": "x", "ANTHROPIC_API_KEY": "x"}
+    env = {"OPENAI_API_KEY": "x", "PROVIDER_B_KEY": "x", "RAG_API_KEY": "x", "ANTHROPIC_API_KEY": "x",
+           "WEB_APP_KEY": "web-app-example-key-0123", "BATCH_KEY": "batch-example-key-01234"}
     for path in files:
         load_config(path, env=env)
 
