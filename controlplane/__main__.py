@@ -85,7 +85,8 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
 
     state_dir = Path(args.state_dir)
     mocks = start_mock_backends(config, state_dir) if args.mock_backends else []
-    app = App(Path(args.config), config, state_dir=state_dir, run_envoy=not args.no_envoy, node_id=args.node_id)
+    app = App(Path(args.config), config, state_dir=state_dir, run_envoy=not args.no_envoy, node_id=args.node_id,
+              clock_offset_file=Path(args.clock_offset_file) if args.clock_offset_file else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default="state", help="bootstrap, Envoy log and state (default: ./state)")
     p.add_argument("--node-id", default="llm-lb-local")
     p.add_argument("--mock-backends", action="store_true", help="also start mock backends for loopback http backends")
+    # FOR TESTS ONLY, hidden from --help: a file holding seconds (a float) added to the clock of budget
+    # windows, spend hours and token minutes, read every 0.25 s, so a test can cross a window's end.
+    p.add_argument("--clock-offset-file", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bootstrap", help="write the bootstrap for an Envoy that runs on its own")

@@ -55,6 +55,8 @@ SEVERITY = {
     "config_rejected": "warning",
     "budget_threshold": "warning",
     "budget_exhausted": "critical",
+    "client_budget_threshold": "warning",
+    "client_budget_exhausted": "critical",
 }
 TRACKED_ONE_SHOTS = frozenset({"budget_exhausted"})  # sent by `send`, resolved through `update`
 CORE_FIELDS = frozenset({"event", "kind", "key", "severity", "message", "pool", "backend", "at", "since",
@@ -237,7 +239,7 @@ class Alerter:
         """A one-shot event (the budget thresholds): sent as it comes, never deduplicated here."""
         now = self._clock()
         pool, backend = details.get("pool"), details.get("backend")
-        parts = [str(details[k]) for k in ("pool", "backend", "window") if details.get(k) is not None]
+        parts = [str(details[k]) for k in ("pool", "client", "backend", "window") if details.get(k) is not None]
         threshold = details.get("threshold")
         if kind not in TRACKED_ONE_SHOTS and threshold is not None:
             parts.append(f"{threshold:g}" if isinstance(threshold, float | int) else str(threshold))

@@ -22,8 +22,10 @@ from .bootstrap import bootstrap, write_bootstrap
 from .config import Config
 from .controllers.alerting import AlertLoop
 from .controllers.budgets import BudgetController
+from .controllers.clients import ClientController, Clock
 from .controllers.dns import refresh_dns
 from .controllers.drains import Drains
+from .controllers.quotas import Cooling
 from .controllers.reload import ConfigReloader
 from .controllers.scoring import ScoringLoop
 from .controllers.spend import SpendFlusher
@@ -48,8 +50,11 @@ log = logging.getLogger("controlplane")
 
 class App:
     def __init__(self, config_path: Path, config: Config, *, state_dir: Path, run_envoy: bool = True,
-                 node_id: str = "llm-lb-local", watch_interval: float = 0.1) -> None:
+                 node_id: str = "llm-lb-local", watch_interval: float = 0.1,
+                 clock_offset_file: Path | None = None) -> None:
         self.state_dir, self.node_id, self._run_envoy = state_dir, node_id, run_envoy
+        self.clock = Clock(clock_offset_file)  # budgets' and spend windows' clock (shifted only by tests)
+        self.clock.refresh()
         self.cache = SnapshotCache()
         self.ads = AdsServer(self.cache)
         drained = frozenset(statefile.load(state_dir / "state.json").drained)
@@ -68,7 +73,7 @@ class App:
         self.flusher = SpendFlusher(self.spend, self.ledger,
                                     lambda: self.config().controlplane.spend_flush_interval.total_seconds())
         self.requests = RequestIndex()
-        self.telemetry = Telemetry(self.engine, self.spend, self.requests, self.config)
+        self.telemetry = Telemetry(self.engine, self.spend, self.requests, self.config, clock=self.clock)
         self.access_log = accesslog.AccessLogService(self._use_access_log)
         self.spool = None if spool_path is None else Spool(
             spool_path, node_id, self.spend, self.ledger, self.flusher, self.access_log, self.config,
@@ -78,8 +83,12 @@ class App:
         self.envoy_hosts = EnvoyHosts(self._envoy_admin_source, lambda: self.reconciler.state)
         self.reconciler.history.reason = lambda pool, backend: self.engine.explain(pool)["backends"][backend]["reason"]
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)
-        self.budgets = BudgetController(self.spend, self.alerter, self.reconciler)
+        self.budgets = BudgetController(self.spend, self.alerter, self.reconciler, clock=self.clock)
+        self.clients = ClientController(self.spend, self.alerter, self.reconciler, self.clock)
+        self.telemetry.clients = self.clients.observe  # per client: counts, tokens per minute, rejections
         self.scoring = ScoringLoop(self.engine, self.budgets, self.requests, self.reconciler)
+        self.cooling = Cooling(self.reconciler)  # a backend's 429 with Retry-After: out of rotation that long
+        self.telemetry.rate_limited = self.cooling.observe
         self.reloader = ConfigReloader(config_path, self.reconciler, self.engine, lambda: self.budgets.verdict.shifted,
                                        watch_interval)
         self.drains = Drains(state_dir / "state.json", self.reconciler)
@@ -122,7 +131,7 @@ class App:
             explain=self.engine.explain, spend=self.spend, ledger=self.flusher,
             budgets=lambda: self.budgets.verdict, access_log=self.access_log, envoy=lambda: self.envoy,
             recent=self.telemetry.recent, histograms=self.telemetry.histograms, envoy_hosts=self.envoy_hosts,
-            history=self.reconciler.history, alerts=self.alerter,
+            history=self.reconciler.history, alerts=self.alerter, clients=self.clients, now=self.clock,
         )
 
     async def start(self) -> None:
@@ -130,6 +139,7 @@ class App:
         addresses = await resolver.resolve(resolver.backend_hosts(cfg))
         self.reconciler.propose(addresses=addresses)
         self.scoring.start()
+        self.clients.check(send=False)  # blocks as the spend stands, before serving (no alert repeated)
         self.reconciler.apply(self.reconciler.state)  # raises if it cannot be built: then nothing starts
         self.reconciler.start()
         xds = cfg.controlplane.xds
@@ -159,6 +169,8 @@ class App:
             asyncio.create_task(Prober(self.config, self.telemetry.observe_health).run(), name="health-prober"),
             asyncio.create_task(self.envoy_hosts.run(), name="envoy-hosts"),
             asyncio.create_task(self.alerting.run(), name="alerts"),
+            asyncio.create_task(self.clients.run(), name="client-limits"),
+            asyncio.create_task(self.cooling.run(), name="cooling"),
         ]
         if self.spool is not None:
             self._tasks.append(asyncio.create_task(self.spool.run(), name="spool-rotation"))

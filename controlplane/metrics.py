@@ -2,8 +2,8 @@
 
 Names follow Prometheus' conventions: counters end in `_total` (prometheus_client adds it to a
 CounterMetricFamily's name), durations are in seconds, and every label set is bounded (pools,
-backends, status classes, states, xDS types; model names are capped in telemetry/histograms.py; no
-request ids). A scrape costs O(backends) plus, per backend, one pass over its recent requests.
+backends, status classes, states, xDS types; model names are capped in telemetry/histograms.py; client
+names are the configured ones, plus `(none)` for requests without a valid key; no request ids). A scrape costs O(backends) plus, per backend, one pass over its recent requests.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from .controllers.clients import NO_CLIENT
 from .telemetry.envoy_hosts import STATES
 from .telemetry.recent import STATUS_CLASSES
 from .views import Views
@@ -34,6 +35,7 @@ class SystemCollector(Collector):
         yield from self._backends()
         yield self._suspicious()
         yield from self._spend()
+        yield from self._clients()
         yield from self.views.histograms.families()
         yield from self._access_log()
         yield from self._ledger_and_envoy()
@@ -191,6 +193,55 @@ class SystemCollector(Collector):
             for window in states:
                 budget.add_metric([pool, window.window], window.fraction)
         yield budget
+
+    def _clients(self) -> Iterator[Metric]:
+        """Per configured client (and `(none)`): requests and rejections since the start, tokens and spend
+        (all time, as llm_lb_spend), and whether Envoy answers it 429 now, by reason."""
+        views = self.views
+        config = views.state().config
+        if not config.clients or views.clients is None:
+            return
+        names = sorted(config.clients)
+        counters = views.clients.counters()
+        requests = CounterMetricFamily("llm_lb_client_requests", "Requests Envoy logged per client (rejected ones "
+                                       "included) since the control plane started; '(none)': no valid key",
+                                       labels=["client"])
+        rejections = CounterMetricFamily(
+            "llm_lb_client_rejections", "Requests Envoy answered itself per client, by reason: auth (no valid key, "
+            "client '(none)'), rate (requests_per_minute), budget (budget exhausted), tokens (tokens_per_minute)",
+            labels=["client", "reason"])
+        for name in [*names, NO_CLIENT]:
+            counts = counters.get(name)
+            requests.add_metric([name], counts.requests if counts else 0)
+            for reason in (("auth",) if name == NO_CLIENT else ("rate", "budget", "tokens")):
+                rejections.add_metric([name, reason], counts.rejected[reason] if counts else 0)
+        yield requests
+        yield rejections
+        spend = CounterMetricFamily("llm_lb_client_spend", "Money spent per client, at configured prices",
+                                    labels=["client"])
+        tokens = CounterMetricFamily("llm_lb_client_tokens", "Tokens counted per client", labels=["client", "kind"])
+        totals = views.spend.by_client()
+        for name in names:
+            total = totals.get(name)
+            spend.add_metric([name], total.cost if total else 0.0)
+            tokens.add_metric([name, "prompt"], total.prompt_tokens if total else 0)
+            tokens.add_metric([name, "completion"], total.completion_tokens if total else 0)
+        yield spend
+        yield tokens
+        budget_blocks, token_blocks = views.clients.blocks()
+        blocked = GaugeMetricFamily("llm_lb_client_blocked", "1 while Envoy answers the client 429 for this reason "
+                                    "(budget: its budget is exhausted; tokens: its tokens_per_minute is used up)",
+                                    labels=["client", "reason"])
+        for name in names:
+            blocked.add_metric([name, "budget"], 1 if name in budget_blocks else 0)
+            blocked.add_metric([name, "tokens"], 1 if name in token_blocks else 0)
+        yield blocked
+        used = GaugeMetricFamily("llm_lb_client_budget_used_ratio", "Share of the client's budget spent",
+                                 labels=["client", "window"])
+        for name, states in views.clients.budgets().windows.items():
+            for window in states:
+                used.add_metric([name, window.window], window.fraction)
+        yield used
 
     def _access_log(self) -> Iterator[Metric]:
         access_log = self.views.access_log

@@ -27,15 +27,18 @@ Builder = Callable[[DesiredState, Built | None, DesiredState | None], dict[str, 
 
 def _endpoints(state: DesiredState, previous: Built | None, built_from: DesiredState | None) -> dict[str, Message]:
     """Per pool: a weight change in one pool of a hundred rebuilds that pool's endpoints only."""
+    # A backend cooling after a 429 with Retry-After is published exactly as a drained one (DRAINING).
+    out_of_rotation = state.out_of_rotation()
     if previous is None or built_from is None or state.config is not built_from.config:
-        return resources.endpoints(state.config, state.weights, state.addresses, state.drained)
+        return resources.endpoints(state.config, state.weights, state.addresses, out_of_rotation)
     out: dict[str, Message] = {}
+    before = built_from.out_of_rotation()
     for name, pool in state.config.pools.items():
-        drained = frozenset(b for p, b in state.drained if p == name)
+        drained = frozenset(b for p, b in out_of_rotation if p == name)
         unchanged = (
             name in previous
             and state.weights.get(name) == built_from.weights.get(name)
-            and drained == frozenset(b for p, b in built_from.drained if p == name)
+            and drained == frozenset(b for p, b in before if p == name)
             and all(state.addresses.get(b.host) == built_from.addresses.get(b.host) for b in pool.backends.values())
         )
         out[name] = previous[name] if unchanged else resources.load_assignment(
@@ -46,7 +49,7 @@ def _endpoints(state: DesiredState, previous: Built | None, built_from: DesiredS
 # Per xDS type: the parts of the state it is built from, and how.
 BUILDERS: Mapping[str, tuple[frozenset[str], Builder]] = {
     typeurls.CLUSTER: (frozenset({"config"}), lambda s, _p, _b: resources.clusters(s.config)),
-    typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained"}), _endpoints),
+    typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained", "cooling"}), _endpoints),
     typeurls.LISTENER: (frozenset({"config", "xds_token", "spool_path"}),
                         lambda s, _p, _b: resources.listeners(s.config, s.xds_token, s.spool_path)),
     typeurls.ROUTE: (frozenset({"config", "rejected", "blocked", "envoys"}),

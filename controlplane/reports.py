@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .scoring.budget import period_start
+from .controllers.clients import NO_CLIENT, REASONS, ClientCounts
+from .scoring.budget import merge_blocks, period_start
 from .scoring.ledger import Spend
 from .telemetry.envoy_hosts import HEALTHY, UNKNOWN
 from .telemetry.recent import STATUS_CLASSES
@@ -62,7 +63,44 @@ def status(views: Views) -> dict[str, Any]:
             }
             for name, pool in config.pools.items()
         },
+        "clients": clients_status(views),
     }
+
+
+def clients_status(views: Views, now: float | None = None) -> dict[str, Any]:
+    """Per configured client (and `(none)`: requests without a valid key): requests and rejections by
+    reason since the start, tokens (all time) and spend this hour and day, its block, its limits. Never
+    its key. Empty when no clients are configured."""
+    config = views.state().config
+    if not config.clients or views.clients is None:
+        return {}
+    now = views.now() if now is None else now
+    hour, day = views.spend.by_client(period_start(now, "hour")), views.spend.by_client(period_start(now, "day"))
+    total = views.spend.by_client()
+    counters, used = views.clients.counters(), views.clients.tokens_this_minute()
+    blocked = merge_blocks(*views.clients.blocks())
+    out: dict[str, Any] = {}
+    for name, client in sorted(config.clients.items()):
+        t = total.get(name, Spend())
+        budget = client.budget
+        out[name] = {
+            **_counts(counters.get(name)),
+            "tokens": {"prompt": t.prompt_tokens, "completion": t.completion_tokens},
+            "tokens_this_minute": used.get(name, 0),
+            "spend": {"hour": round(hour.get(name, Spend()).cost, 6), "day": round(day.get(name, Spend()).cost, 6),
+                      "total": round(t.cost, 6)},
+            "blocked": blocked[name][0] if name in blocked else None,
+            "limits": {"requests_per_minute": client.limits.requests_per_minute,
+                       "tokens_per_minute": client.limits.tokens_per_minute,
+                       "budget": None if budget is None else {"hourly": budget.hourly, "daily": budget.daily}},
+        }
+    out[NO_CLIENT] = _counts(counters.get(NO_CLIENT))
+    return out
+
+
+def _counts(counts: ClientCounts | None) -> dict[str, Any]:
+    return {"requests": counts.requests if counts else 0,
+            "rejected": {r: counts.rejected[r] if counts else 0 for r in REASONS}}
 
 
 NO_MODEL = "(none)"  # the models key for spend whose request and backend named no model
@@ -71,7 +109,7 @@ NO_MODEL = "(none)"  # the models key for spend whose request and backend named 
 def cost_report(views: Views, now: float | None = None) -> dict[str, Any]:
     """Spend per pool, per backend and per model for this hour and day, against each budget (from memory,
     not the ledger); and how much of it was recovered from the spool."""
-    now = time.time() if now is None else now
+    now = views.now() if now is None else now
     hour_start, day_start = period_start(now, "hour"), period_start(now, "day")
     hour = views.spend.since(hour_start)
     day = views.spend.since(day_start)
@@ -106,7 +144,30 @@ def cost_report(views: Views, now: float | None = None) -> dict[str, Any]:
         "recovered_requests": recovered.requests,
         "recovered_cost": round(recovered.cost, 6),
         "pools": pools,
+        "clients": _clients_cost(views, now),
     }
+
+
+def _clients_cost(views: Views, now: float) -> dict[str, Any]:
+    """Per client: spend this hour, today and all time, its requests and tokens (all time, the requests a
+    backend answered), and its budget windows. Clients no longer configured are listed while they have
+    spend on record (`configured: false`). Empty when no clients are configured and none ever spent."""
+    config = views.state().config
+    total = views.spend.by_client()
+    if not config.clients and not total:
+        return {}
+    hour, day = views.spend.by_client(period_start(now, "hour")), views.spend.by_client(period_start(now, "day"))
+    verdict = views.clients.budgets() if views.clients is not None else None
+    blocked = merge_blocks(*views.clients.blocks()) if views.clients is not None else {}
+    out: dict[str, Any] = {}
+    for name in sorted(set(config.clients) | set(total)):
+        out[name] = {
+            **_spend_entry(hour.get(name, Spend()), day.get(name, Spend()), total.get(name, Spend())),
+            "configured": name in config.clients,
+            "budget": [w.as_dict() for w in verdict.windows.get(name, ())] if verdict is not None else [],
+            "blocked": blocked[name][0] if name in blocked else None,
+        }
+    return out
 
 
 def _spend_entry(hour: Spend, day: Spend, total: Spend) -> dict[str, Any]:
@@ -133,7 +194,8 @@ def pool(views: Views, name: str, now: float | None = None) -> dict[str, Any]:
     state = views.state()
     cfg = state.config.pools[name]
     weights = views.pushed_weights().get(name, {})
-    in_rotation = {b: w for b, w in weights.items() if (name, b) not in state.drained}
+    out = state.out_of_rotation()
+    in_rotation = {b: w for b, w in weights.items() if (name, b) not in out}
     total_weight = sum(in_rotation.values())
     try:
         explained = views.explain(name, None)["backends"]
@@ -170,6 +232,8 @@ def pool(views: Views, name: str, now: float | None = None) -> dict[str, Any]:
             "spend": {"hour": round(hour.get(key, Spend()).cost, 6), "day": round(day.get(key, Spend()).cost, 6),
                       "total": round(total.get(key, Spend()).cost, 6)},
             "reason": explained.get(bname, {}).get("reason", ""),
+            "quota": explained.get(bname, {}).get("quota"),  # a provider quota capping its share
+            "cooling": explained.get(bname, {}).get("cooling"),  # out of rotation after a 429 with Retry-After
         }
     known = [b["envoy_state"] for b in backends.values() if b["envoy_state"] != UNKNOWN]
     verdict = views.budgets()

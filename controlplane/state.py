@@ -21,7 +21,23 @@ Addresses = Mapping[str, str]  # backend host name -> IP address
 Drained = frozenset[tuple[str, str]]  # (pool, backend) pairs taking no new requests
 
 
+@dataclass(frozen=True)
+class Cooldown:
+    """A backend that answered 429 with a Retry-After: out of rotation (EDS DRAINING) until `until`."""
+
+    until: float  # wall clock (time.time()), when the backend returns
+    since: float  # when the 429 was seen
+    retry_after: str  # the header as the backend sent it
+
+
+Cooling = Mapping[tuple[str, str], Cooldown]  # (pool, backend) -> its cooldown
+
+
 def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+def _no_cooling() -> Cooling:
     return MappingProxyType({})
 
 
@@ -31,6 +47,7 @@ class DesiredState:
     weights: Weights = field(default_factory=_empty)
     addresses: Addresses = field(default_factory=_empty)
     drained: Drained = frozenset()
+    cooling: Cooling = field(default_factory=_no_cooling)  # rate limited by the backend itself: as drained, for a while
     rejected: Mapping[str, str] = field(default_factory=_empty)  # pool -> why Envoy answers 429 for it
     # client -> (error code, message, Retry-After seconds): over its budget or tokens per minute, answered 429
     blocked: Mapping[str, tuple[str, str, int]] = field(default_factory=_empty)
@@ -40,10 +57,14 @@ class DesiredState:
 
     def replace(self, **changes: Any) -> DesiredState:
         """A new state with some parts changed; mappings are frozen so no holder can edit them later."""
-        for name in ("weights", "addresses", "rejected", "blocked"):
+        for name in ("weights", "addresses", "rejected", "blocked", "cooling"):
             if name in changes:
                 changes[name] = _freeze(changes[name])
         return dataclasses.replace(self, **changes)
+
+    def out_of_rotation(self) -> Drained:
+        """The (pool, backend) pairs Envoy sends no new requests: drained by an operator, or cooling."""
+        return self.drained | frozenset(self.cooling) if self.cooling else self.drained
 
     def changed(self, other: DesiredState | None) -> frozenset[str]:
         """The names of the parts that differ from `other` (all of them when there is none)."""

@@ -5,13 +5,15 @@ Nothing that reports imports the wiring (`app.py`): it sees only what is here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .controllers.clients import ClientCounts
 from .history import WeightHistory
-from .scoring.budget import BudgetVerdict
+from .scoring.budget import Block, BudgetVerdict, ClientBudgetVerdict
 from .scoring.ledger import Spend
 from .scoring.stats import BackendStats
 from .state import DesiredState, Weights
@@ -65,6 +67,10 @@ class SpendView(Protocol):
 
     def by_model(self, start: float | None = None) -> dict[tuple[str, str], Spend]:
         """Per (pool, model): all time when `start` is None, else from the hour holding `start` on."""
+        ...
+
+    def by_client(self, start: float | None = None) -> dict[str, Spend]:
+        """Per client: all time when `start` is None, else from the hour holding `start` on."""
         ...
 
     @property
@@ -130,6 +136,20 @@ class AlertsView(Protocol):
         ...
 
 
+class ClientsView(Protocol):
+    """Per client: what it did since the start, its blocks, its tokens this minute, its budgets."""
+
+    def counters(self) -> Mapping[str, ClientCounts]: ...
+
+    def blocks(self) -> tuple[Mapping[str, Block], Mapping[str, Block]]:
+        """(budget blocks, token blocks) in force."""
+        ...
+
+    def tokens_this_minute(self) -> Mapping[str, int]: ...
+
+    def budgets(self) -> ClientBudgetVerdict: ...
+
+
 @dataclass(frozen=True)
 class Views:
     config: ConfigView
@@ -150,6 +170,8 @@ class Views:
     envoy_hosts: EnvoyHosts  # Envoy's own view of each backend (ejected, failing checks)
     history: WeightHistory  # the last weight changes Envoy was sent
     alerts: AlertsView  # what fires now, and what was sent
+    clients: ClientsView | None = None  # per client (controllers/clients.py)
+    now: Callable[[], float] = time.time  # the clock of budgets and spend windows (a test may shift it)
 
     def pushed_weights(self) -> Weights:
         """What Envoy was sent, not what is about to be."""

@@ -83,9 +83,9 @@ def test_spend_per_model_round_trip(tmp_path: Path) -> None:
         assert second.spend(T0) == {("chat", "a"): Spend(3, 16, 27, pytest.approx(0.9)),
                                     ("chat", "b"): Spend(1, 1, 1, pytest.approx(0.01))}, "summed over models"
         assert sorted(second.hours(T0)) == [
-            (int(T0 // HOUR), "chat", "a", "gpt-4o", 2, 15, 25, pytest.approx(0.8)),
-            (int(T0 // HOUR), "chat", "a", "gpt-4o-mini", 1, 1, 2, pytest.approx(0.1)),
-            (int(T0 // HOUR), "chat", "b", "", 1, 1, 1, pytest.approx(0.01)),
+            (int(T0 // HOUR), "chat", "a", "gpt-4o", "", 2, 15, 25, pytest.approx(0.8)),
+            (int(T0 // HOUR), "chat", "a", "gpt-4o-mini", "", 1, 1, 2, pytest.approx(0.1)),
+            (int(T0 // HOUR), "chat", "b", "", "", 1, 1, 1, pytest.approx(0.01)),
         ]
         assert second.spend_per_model(T0 + HOUR) == {}
     finally:
@@ -117,7 +117,7 @@ def test_a_ledger_without_models_is_migrated_keeping_every_row(tmp_path: Path) -
     old_ledger(path, old_rows)
     ledger = SqliteLedger(path)
     try:
-        assert sorted(ledger.hours(0)) == sorted((r[0], r[1], r[2], "", *r[3:]) for r in old_rows), "nothing lost"
+        assert sorted(ledger.hours(0)) == sorted((r[0], r[1], r[2], "", "", *r[3:]) for r in old_rows), "nothing lost"
         assert ledger.spend(0)[("chat", "a")] == Spend(7, 70, 90, 7.0)
         ledger.record(T0 + 1, "chat", "a", 10, 10, 1.0, model="gpt-4o")  # a new row next to the migrated one
         ledger.record(T0 + 2, "chat", "a", 1, 1, 0.5)  # adds to the migrated row (model '')
@@ -136,7 +136,7 @@ def test_a_ledger_without_models_is_migrated_keeping_every_row(tmp_path: Path) -
         tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     finally:
         check.close()
-    assert "model" in columns and key == ["hour", "pool", "backend", "model"]
+    assert "model" in columns and key == ["hour", "pool", "backend", "model", "client"]
     assert tables == {"spend", "spool"}, "no table left over from the migration"
     again = SqliteLedger(path)  # opening a migrated file changes nothing
     try:

@@ -68,6 +68,19 @@ def test_non_streamed_completion_reports_configured_usage(backend: MockBackend) 
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
 
 
+def test_credentials_are_counted_by_digest_never_kept(backend: MockBackend) -> None:
+    import hashlib
+
+    for headers in ({"Authorization": "Bearer sk-secret-one"}, {"X-Api-Key": "sk-secret-two"},
+                    {"Authorization": "Bearer sk-secret-one"}):
+        request(backend, "POST", CHAT, {"messages": MESSAGES}, headers)
+    raw = request(backend, "GET", "/admin/stats")[2]
+    assert b"sk-secret" not in raw
+    seen = json.loads(raw)["credentials"]
+    assert seen == {hashlib.sha256(b"sk-secret-one").hexdigest()[:16]: 2,
+                    hashlib.sha256(b"sk-secret-two").hexdigest()[:16]: 1}
+
+
 def test_prompt_tokens_estimated_from_text(backend: MockBackend) -> None:
     msgs = [{"role": "system", "content": "abcde"}, {"role": "user", "content": "fghij"}]
     _, _, data = request(backend, "POST", CHAT, {"messages": msgs})
@@ -76,7 +89,8 @@ def test_prompt_tokens_estimated_from_text(backend: MockBackend) -> None:
     assert body["usage"]["prompt_tokens"] == 3  # ceil(10 / 4)
     stats = json.loads(request(backend, "GET", "/admin/stats")[2])
     assert stats == {"name": "local-a", "requests": 1, "completions": 1, "errors": 0,
-                     "in_flight": 0, "prompt_tokens": 3, "completion_tokens": 16, "models": {}}
+                     "in_flight": 0, "prompt_tokens": 3, "completion_tokens": 16, "models": {},
+                     "credentials": {}}
 
 
 def test_streamed_completion_with_usage(backend: MockBackend) -> None:

@@ -35,11 +35,11 @@ def test_pending_rows_are_taken_once_and_given_back_on_failure() -> None:
     book.add(T0, "chat", "a", "", 10, 20, 0.3)
     book.add(T0 + 1, "chat", "a", "", 1, 2, 0.1)
     rows = book.take_pending()
-    assert rows == [(H0, "chat", "a", "", 2, 11, 22, pytest.approx(0.4))]
+    assert rows == [(H0, "chat", "a", "", "", 2, 11, 22, pytest.approx(0.4))]
     assert book.take_pending() == []
     book.add(T0 + 2, "chat", "a", "", 1, 1, 0.1)
     book.give_back(rows)  # the write failed: merged with what came since
-    assert book.take_pending() == [(H0, "chat", "a", "", 3, 12, 23, pytest.approx(0.5))]
+    assert book.take_pending() == [(H0, "chat", "a", "", "", 3, 12, 23, pytest.approx(0.5))]
     assert book.total()[("chat", "a")].requests == 3, "totals are not counted twice"
 
 
@@ -54,7 +54,7 @@ def test_old_hours_are_pruned_but_totals_kept() -> None:
 def test_book_loads_what_the_ledger_holds(tmp_path: Path) -> None:
     ledger = SqliteLedger(tmp_path / "l.sqlite3")
     try:
-        ledger.add([(H0 - 100, "chat", "a", "", 5, 50, 50, 5.0), (H0, "chat", "a", "", 2, 20, 20, 2.0)])
+        ledger.add([(H0 - 100, "chat", "a", "", "", 5, 50, 50, 5.0), (H0, "chat", "a", "", "", 2, 20, 20, 2.0)])
         book = SpendBook.load(ledger, T0)
     finally:
         ledger.close()
@@ -66,9 +66,9 @@ def test_book_loads_what_the_ledger_holds(tmp_path: Path) -> None:
 def test_ledger_batch_is_one_transaction(tmp_path: Path) -> None:
     ledger = SqliteLedger(tmp_path / "l.sqlite3")
     try:
-        ledger.add([(H0, "chat", "a", "", 1, 1, 1, 1.0)])
+        ledger.add([(H0, "chat", "a", "", "", 1, 1, 1, 1.0)])
         with pytest.raises(Exception):  # noqa: B017 - any database error will do
-            ledger.add([(H0, "chat", "a", "", 1, 1, 1, 1.0), (H0, "chat", None, "", 1, 1, 1, 1.0)])  # type: ignore[list-item]
+            ledger.add([(H0, "chat", "a", "", "", 1, 1, 1, 1.0), (H0, "chat", None, "", "", 1, 1, 1, 1.0)])  # type: ignore[list-item]
         assert ledger.spend(0)[("chat", "a")].requests == 1, "a failed batch leaves nothing behind"
     finally:
         ledger.close()
@@ -191,12 +191,12 @@ def test_pending_rows_are_per_model() -> None:
     book.add(T0 + 1, "chat", "a", "m2", 1, 2, 0.1)
     book.add(T0 + 2, "chat", "a", "m1", 1, 1, 0.1)
     rows = book.take_pending()
-    assert sorted(rows) == [(H0, "chat", "a", "m1", 2, 11, 21, pytest.approx(0.4)),
-                            (H0, "chat", "a", "m2", 1, 1, 2, pytest.approx(0.1))]
+    assert sorted(rows) == [(H0, "chat", "a", "m1", "", 2, 11, 21, pytest.approx(0.4)),
+                            (H0, "chat", "a", "m2", "", 1, 1, 2, pytest.approx(0.1))]
     book.give_back(rows)
     assert book.pending == 2
     book.add(T0 + 3, "chat", "a", "m2", 1, 1, 0.1)
-    assert sorted(book.take_pending())[1] == (H0, "chat", "a", "m2", 2, 2, 3, pytest.approx(0.2))
+    assert sorted(book.take_pending())[1] == (H0, "chat", "a", "m2", "", 2, 2, 3, pytest.approx(0.2))
 
 
 def rounded(spent: dict) -> dict:
@@ -208,7 +208,7 @@ def test_book_load_restores_models(tmp_path: Path) -> None:
     ledger = SqliteLedger(tmp_path / "l.sqlite3")
     try:
         ledger.add(model_book().take_pending())
-        ledger.add([(H0 - 100, "chat", "a", "gpt-4o", 5, 50, 50, 5.0)])  # beyond what is held in hours
+        ledger.add([(H0 - 100, "chat", "a", "gpt-4o", "", 5, 50, 50, 5.0)])  # beyond what is held in hours
         book = SpendBook.load(ledger, T0)
     finally:
         ledger.close()

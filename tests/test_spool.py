@@ -311,7 +311,7 @@ def test_the_flusher_writes_the_count_with_the_spend_or_neither(ledger: SqliteLe
 
 def test_a_write_of_an_older_generation_moves_no_count(ledger: SqliteLedger) -> None:
     ledger.set_spool([], generation=2, covered=5)
-    ledger.add([(T // 3600, "chat", "a", "m", 1, 1, 1, 1.0)], spool=(1, 99))
+    ledger.add([(T // 3600, "chat", "a", "m", "", 1, 1, 1, 1.0)], spool=(1, 99))
     assert ledger.spool_state().covered == 5 and requests(ledger) == {"a": 1}, "the spend lands, the count not"
     ledger.add([], spool=(2, 7))
     assert ledger.spool_state().covered == 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..reconciler import Reconciler
@@ -17,10 +18,12 @@ class Sender(Protocol):
 class BudgetController:
     """Proposes which pools Envoy answers 429 for; the scoring loop reads which pools shift."""
 
-    def __init__(self, spend: SpendBook, alerter: Sender, reconciler: Reconciler) -> None:
+    def __init__(self, spend: SpendBook, alerter: Sender, reconciler: Reconciler,
+                 clock: Callable[[], float] = time.time) -> None:
         self.spend = spend
         self.alerter = alerter
         self.reconciler = reconciler
+        self.clock = clock  # the wall clock (a test may shift it: controllers/clients.Clock)
         self.verdict = BudgetVerdict()
 
     def check(self, now: float | None = None, send: bool = True) -> bool:
@@ -29,7 +32,7 @@ class BudgetController:
         The first check after a start passes send=False: thresholds crossed
         before a restart were alerted then, so they are only noted.
         """
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         self.spend.prune(now)
         budgets = {name: pool.budget for name, pool in self.reconciler.state.config.pools.items()}
         before = self.verdict

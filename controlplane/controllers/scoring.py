@@ -1,13 +1,19 @@
-"""The scoring loop: each pool rescored on its own `scoring.interval`, budgets checked, weights proposed."""
+"""The scoring loop: each pool rescored on its own `scoring.interval`, budgets checked, weights proposed.
+
+A pool is also rescored at once (at the next tick) when a backend of it leaves or rejoins rotation
+(drained, or cooling after a 429): quotas are shared among the backends Envoy can send to.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..reconciler import Reconciler
 from ..scoring.engine import Engine
+from ..state import Drained
 from ..telemetry.requests import RequestIndex
 from .budgets import BudgetController
 
@@ -16,33 +22,48 @@ log = logging.getLogger("controlplane.scoring")
 
 class ScoringLoop:
     def __init__(self, engine: Engine, budgets: BudgetController, requests: RequestIndex, reconciler: Reconciler,
-                 tick: float = 0.1) -> None:
+                 tick: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.budgets = budgets
         self.requests = requests
         self.reconciler = reconciler
         self.tick = tick
+        self.clock = clock
         self._due: dict[str, float] = {}
+        self._out: Drained = frozenset()  # out of rotation as of the last step
+
+    def _rotation(self) -> frozenset[str]:
+        """Tell the engine who is out of rotation; the pools where that changed since the last call."""
+        state = self.reconciler.state
+        self.engine.set_rotation(state.drained, state.cooling)
+        out = state.out_of_rotation()
+        if out == self._out:
+            return frozenset()
+        changed = frozenset(p for p, _ in out ^ self._out)
+        self._out = out
+        return changed
 
     def start(self) -> None:
         """Before serving: budgets as they stand (no alerts repeated), then weights from them."""
+        self._rotation()
         self.budgets.check(send=False)
-        self.engine.recompute(self.budgets.verdict.shifted)
+        self.engine.recompute(self.budgets.verdict.shifted, now=self.clock())  # pool rates are measured from now
         self.reconciler.propose(weights=self.engine.weights())
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick)
             try:
-                self.step(time.monotonic())
+                self.step(self.clock())
             except Exception:
                 log.exception("scoring failed; weights unchanged")
 
     def step(self, now: float) -> None:
         config = self.reconciler.state.config
+        moved = self._rotation()
         pools = frozenset(
             name for name, pool in config.pools.items()
-            if now >= self._due.setdefault(name, now + pool.scoring.interval.total_seconds())
+            if now >= self._due.setdefault(name, now + pool.scoring.interval.total_seconds()) or name in moved
         )
         if not pools:
             return
@@ -50,5 +71,5 @@ class ScoringLoop:
             self._due[name] = now + config.pools[name].scoring.interval.total_seconds()
         self.budgets.check()
         self.requests.expire()
-        if self.engine.recompute(self.budgets.verdict.shifted, pools):
+        if self.engine.recompute(self.budgets.verdict.shifted, pools, now):
             self.reconciler.propose(weights=self.engine.weights())

@@ -45,6 +45,7 @@ class MockSettings:
     latency_jitter_ms: float = 0.0
     error_rate: float = 0.0
     error_status: int = 503
+    retry_after: float = 0.0  # seconds sent as Retry-After with injected errors; 0: no header
     prompt_tokens: int = 0  # 0 = estimate from message text
     completion_tokens: int = 16
     stream_chunks: int = 4
@@ -82,6 +83,7 @@ LIVE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "latency_jitter_ms": _number(0, 3_600_000, False),
     "error_rate": _number(0, 1, False),
     "error_status": _number(400, 599, True),
+    "retry_after": _number(0, 86_400, False),
     "health_status": _health,
     "prompt_tokens": _number(0, 10**9, True),
     "completion_tokens": _number(0, 10**9, True),
@@ -294,7 +296,8 @@ class MockHandler(BaseHTTPRequestHandler):
         if failed:
             self.server.bump(errors=1)
             msg = f"injected failure from {s.name}"
-            return self._json(s.error_status, error_body(msg, "server_error", s.error_status))
+            headers = {"Retry-After": f"{s.retry_after:g}"} if s.retry_after else None
+            return self._json(s.error_status, error_body(msg, "server_error", s.error_status), headers)
         time.sleep((s.latency_ms + jitter) / 1000)
         chars = sum(len(m["content"]) for m in req["messages"])
         prompt = s.prompt_tokens or max(1, math.ceil(chars / 4))
@@ -426,6 +429,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[MockSettings, str, int]:
     p.add_argument("--latency-jitter-ms", type=float, default=0.0, help="extra uniform 0..N ms")
     p.add_argument("--error-rate", type=float, default=0.0, help="probability 0..1")
     p.add_argument("--error-status", type=int, default=503)
+    p.add_argument("--retry-after", type=float, default=0.0, metavar="SECONDS",
+                   help="send Retry-After: SECONDS with injected errors (0: none)")
     p.add_argument("--prompt-tokens", type=int, default=0, help="0 = estimate chars/4")
     p.add_argument("--completion-tokens", type=int, default=16)
     p.add_argument("--stream-chunks", type=int, default=4)

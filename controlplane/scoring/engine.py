@@ -7,20 +7,27 @@ when to observe and when to recompute.
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import STATIC_STRATEGIES, Backend, Config, Objective, Pool
-from ..state import Weights
-from .stats import BackendStats
+from ..state import Cooldown, Cooling, Drained, Weights
+from .stats import RATE_WINDOW, BackendStats, Rate, RateWindow
 from .strategies import Candidate, Decision, decide
-from .weights import pool_weights
+from .weights import cap_shares, pool_weights
 
 WEIGHT_SCALE = 1000
 DEFAULT_MIX = (500, 200)  # prompt, completion tokens per request until some are seen
 REWARD_DECAY = 0.995  # per observation of a backend: old evidence fades for re-convergence
 DEFAULT_LATENCY_REF_MS = 5000.0
+# Backend quotas: a capped backend's projected rate is held at QUOTA_TARGET of its quota, so the noise of
+# a rate measured over seconds stays under it; a published share may drift up to QUOTA_SLACK over a
+# tighter cap before the change is worth a push (0.9 x 1.05: at most 94.5% of the quota).
+QUOTA_TARGET = 0.9
+QUOTA_SLACK = 1.05
 
 def request_cost(backend: Backend, prompt_tokens: float, completion_tokens: float) -> float:
     return (backend.cost.input_per_1k * prompt_tokens + backend.cost.output_per_1k * completion_tokens) / 1000.0
@@ -57,6 +64,11 @@ class PoolState:
     # What a reward is measured against (most expensive unit cost, latency scale): refreshed each
     # recompute, not per request, which would cost O(backends) on the access-log path.
     reward_refs: tuple[float, float] | None = None
+    window: RateWindow = field(default_factory=RateWindow)  # the pool's recent traffic, for quotas
+    caps: dict[str, float] = field(default_factory=dict)  # backend -> the most of its tier's traffic it may take
+    binding: frozenset[str] = frozenset()  # backends whose share its quota lowered
+    over_quota: frozenset[int] = frozenset()  # tiers whose quotas together cannot hold their traffic
+    quota_reasons: dict[str, str] = field(default_factory=dict)
 
 
 class Engine:
@@ -69,6 +81,10 @@ class Engine:
         self._retired_pools: dict[str, PoolState] = {}
         # Requests whose usage block could not be true (estimated instead), per (pool, backend).
         self.usage_suspicious: dict[tuple[str, str], int] = {}
+        # Backends Envoy sends no new requests (drained, or cooling after a 429): quotas are shared
+        # among the rest, and explain says why.
+        self.drained: Drained = frozenset()
+        self.cooling: Cooling = {}
 
     def sync(self, config: Config) -> None:
         """Follow the config: new backends get stats, priors follow edits, removed ones go (kept one sync)."""
@@ -119,8 +135,12 @@ class Engine:
         cfg = p.backends.get(backend) if p is not None else None
         if cfg is None or st is None or p is None:
             return 0.0
-        cost = request_cost(cfg, prompt_tokens, completion_tokens) if (ok if charged is None else charged) else 0.0
+        paid = ok if charged is None else charged
+        cost = request_cost(cfg, prompt_tokens, completion_tokens) if paid else 0.0
         st.observe(ok, latency_ms, prompt_tokens, completion_tokens, cost)
+        st.window_requests += 1
+        if paid:
+            st.window_tokens += prompt_tokens + completion_tokens
         if p.strategy == "adaptive_learning":  # the only reader of the reward posterior
             st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), REWARD_DECAY)
         return cost
@@ -197,17 +217,28 @@ class Engine:
             )
         return out
 
-    def recompute(self, shift_to_cheapest: frozenset[str] = frozenset(), pools: frozenset[str] | None = None) -> bool:
-        """New weights for every pool (or those named); True if any changed enough to push."""
+    def set_rotation(self, drained: Drained, cooling: Cooling) -> None:
+        """Which backends Envoy sends no new requests (as of the desired state)."""
+        self.drained, self.cooling = drained, cooling
+
+    def recompute(self, shift_to_cheapest: frozenset[str] = frozenset(), pools: frozenset[str] | None = None,
+                  now: float | None = None) -> bool:
+        """New weights for every pool (or those named); True if any changed enough to push.
+
+        `now` (any monotonic clock) closes each recomputed pool's rate window; without it the last
+        measured rate is used (a config reload between rounds)."""
         changed = False
         for pname, pool in self.config.pools.items():
             if pools is None or pname in pools:
-                changed |= self._recompute_pool(pname, pool, pname in shift_to_cheapest)
+                changed |= self._recompute_pool(pname, pool, pname in shift_to_cheapest, now)
         return changed
 
-    def _recompute_pool(self, pname: str, pool: Pool, shift: bool) -> bool:
+    def _recompute_pool(self, pname: str, pool: Pool, shift: bool, now: float | None = None) -> bool:
         state = self.pools[pname]
         state.reward_refs = None
+        if now is not None:
+            state.window.roll(now, {name: st.take_window() for name in pool.backends
+                                    if (st := self.stats.get((pname, name))) is not None})
         cands = self.candidates(pname)
         decision = decide(pool.strategy, cands, pool.scoring, state.rng, shift_to_cheapest=shift)
         if not any(decision.shares.values()):
@@ -227,18 +258,81 @@ class Engine:
             # A backend taken out (unhealthy, below quality) leaves at once, not smoothly.
             smoothed = {n: (0.0 if target[n] == 0 else s) for n, s in smoothed.items()}
         state.smoothed = smoothed
-        # Hysteresis spares Envoy telemetry noise; an operator's own edit always goes out.
-        if not static and not self._significant(state.published, smoothed, pool.scoring.hysteresis):
-            return False
-        state.published = dict(smoothed)
-        if pool.strategy in STATIC_STRATEGIES and pool.deep_health is None and not shift:
+        # Quotas last, on every strategy: what Envoy is sent never projects a backend past its quota.
+        was_binding = state.binding
+        capped = self._apply_quotas(pname, pool, smoothed)
+        if static and not state.binding and not was_binding:
+            pass  # an operator's own edit always goes out
+        elif (state.binding == was_binding
+              and not self._significant(state.published, capped, pool.scoring.hysteresis)
+              and all(state.published.get(n, 0.0) <= capped[n] * QUOTA_SLACK for n in state.binding)):
+            return False  # hysteresis spares Envoy telemetry noise, unless a cap tightened
+        state.published = dict(capped)
+        if pool.strategy in STATIC_STRATEGIES and pool.deep_health is None and not shift and not state.binding:
             weights = pool_weights(pool)  # exactly what the operator wrote
         else:
-            weights = to_weights(smoothed)
+            weights = to_weights(capped)
         if weights == state.weights:
             return False
         state.weights = weights
         return True
+
+    def _apply_quotas(self, pname: str, pool: Pool, shares: dict[str, float]) -> dict[str, float]:
+        """Cap each backend with a quota to QUOTA_TARGET of it at the pool's measured rate; the overflow
+        goes to the other backends of its priority tier (Envoy balances by weight within a tier only)
+        that are in rotation, in proportion to their shares. A tier is assumed to carry all the pool's
+        traffic: true of tier 0, and of a failover tier when it is in use."""
+        state = self.pools[pname]
+        state.caps, state.binding, state.over_quota, state.quota_reasons = {}, frozenset(), frozenset(), {}
+        rate = state.window.rate
+        quotas = {n: b for n, b in pool.backends.items()
+                  if b.max_requests_per_minute is not None or b.max_tokens_per_minute is not None}
+        if not quotas or rate is None or rate.rpm <= 0:
+            return shares
+        tpm = rate.tpm or rate.rpm * sum(self._mix(pname))  # no tokens seen lately: the usual mix
+        for name, backend in quotas.items():
+            cap = math.inf
+            if backend.max_requests_per_minute is not None:
+                cap = QUOTA_TARGET * backend.max_requests_per_minute / rate.rpm
+            if backend.max_tokens_per_minute is not None and tpm > 0:
+                cap = min(cap, QUOTA_TARGET * backend.max_tokens_per_minute / tpm)
+            if cap < 1.0:
+                state.caps[name] = cap
+        out = dict(shares)
+        binding: set[str] = set()
+        over: set[int] = set()
+        away = self.out_of_rotation
+        for tier in sorted({b.priority for b in pool.backends.values()}):
+            members = {n: shares.get(n, 0.0) for n, b in pool.backends.items()
+                       if b.priority == tier and shares.get(n, 0.0) > 0 and (pname, n) not in away}
+            total = sum(members.values())
+            if total <= 0 or not set(members) & set(state.caps):
+                continue
+            result = cap_shares({n: s / total for n, s in members.items()},
+                                {n: c for n, c in state.caps.items() if n in members})
+            if not result.feasible:
+                over.add(tier)
+                for n in members:
+                    state.quota_reasons[n] = (
+                        f"the quotas of tier {tier} cannot hold the pool's {rate.rpm:.0f} requests/min "
+                        f"({_tpm(tpm)}): shares kept as the strategy set them")
+                continue
+            for n in members:
+                out[n] = result.shares[n] * total
+            binding |= result.binding
+            for n in members:
+                if n in result.binding:
+                    state.quota_reasons[n] = (
+                        f"capped at {result.shares[n]:.1%} of its tier's traffic by its quota ({_quota(pool.backends[n])}; "
+                        f"pool at {rate.rpm:.0f} requests/min, {_tpm(tpm)})")
+                elif result.binding and result.shares[n] > members[n] / total + 1e-9:
+                    state.quota_reasons[n] = "takes the traffic of backends at their quota, in proportion to its share"
+        state.binding, state.over_quota = frozenset(binding), frozenset(over)
+        return out
+
+    @property
+    def out_of_rotation(self) -> Drained:
+        return self.drained | frozenset(self.cooling) if self.cooling else self.drained
 
     @staticmethod
     def _significant(published: dict[str, float], new: dict[str, float], hysteresis: float) -> bool:
@@ -259,9 +353,16 @@ class Engine:
         state = self.pools[pool]
         cfg = self.config.pools[pool]
         costs = self._unit_costs(pool)
+        rate = state.window.rate
         out = {}
-        for name in cfg.backends:
+        for name, backend in cfg.backends.items():
             st = self.stats[(pool, name)]
+            reason = state.decision.reasons.get(name, "") if state.decision else ""
+            if name in state.quota_reasons:
+                reason += "; " + state.quota_reasons[name]
+            cooldown = self.cooling.get((pool, name))
+            if cooldown is not None:
+                reason = _cooling_reason(cooldown) + "; " + reason
             out[name] = {
                 "weight": state.weights.get(name),
                 "share": round(state.published.get(name, 0.0), 4),
@@ -274,10 +375,39 @@ class Engine:
                 "usage_suspicious": self.usage_suspicious.get((pool, name), 0),
                 "cost": {"per_request_estimate": round(costs[name], 6), "spent": round(st.cost, 6)},
                 "quality": {"estimate": round(st.quality, 4), "prior": st.prior_quality, "feedback": st.feedback_n},
-                "reason": state.decision.reasons.get(name, "") if state.decision else "",
+                "quota": self._quota_view(pool, name, backend, rate),
+                "cooling": None if cooldown is None else {
+                    "until": round(cooldown.until, 3), "since": round(cooldown.since, 3),
+                    "retry_after": cooldown.retry_after},
+                "reason": reason,
             }
         return {"pool": pool, "strategy": cfg.strategy, "shifted_to_cheapest": state.shifted,
-                "budget": budget, "backends": out}
+                "budget": budget, "traffic": _traffic_view(rate, state), "backends": out}
+
+    def _quota_view(self, pool: str, name: str, backend: Backend, rate: Rate | None) -> dict[str, Any] | None:
+        """A backend's quota, what it is projected to receive at the weights Envoy has, and whether it binds."""
+        if backend.max_requests_per_minute is None and backend.max_tokens_per_minute is None:
+            return None
+        state = self.pools[pool]
+        cfg = self.config.pools[pool]
+        projected_rpm = projected_tpm = None
+        if rate is not None:
+            away = self.out_of_rotation
+            tier = [n for n, b in cfg.backends.items() if b.priority == backend.priority and (pool, n) not in away]
+            total = sum(state.published.get(n, 0.0) for n in tier)
+            share = state.published.get(name, 0.0) / total if total > 0 and name in tier else 0.0
+            projected_rpm = round(share * rate.rpm, 1)
+            projected_tpm = round(share * (rate.tpm or rate.rpm * sum(self._mix(pool))), 1)
+        return {
+            "max_requests_per_minute": backend.max_requests_per_minute,
+            "max_tokens_per_minute": backend.max_tokens_per_minute,
+            "max_share": round(state.caps[name], 4) if name in state.caps else None,
+            "projected_rpm": projected_rpm,
+            "projected_tpm": projected_tpm,
+            "observed_rpm": round(rate.per_backend.get(name, 0.0), 1) if rate is not None else None,
+            "binding": name in state.binding,
+            "tier_over_quota": backend.priority in state.over_quota,
+        }
 
 
 def _healthy(c: Candidate) -> Candidate:
@@ -287,3 +417,34 @@ def _healthy(c: Candidate) -> Candidate:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
+
+
+def _quota(backend: Backend) -> str:
+    parts = []
+    if backend.max_requests_per_minute is not None:
+        parts.append(f"{backend.max_requests_per_minute} requests/min")
+    if backend.max_tokens_per_minute is not None:
+        parts.append(f"{backend.max_tokens_per_minute} tokens/min")
+    return ", ".join(parts)
+
+
+def _tpm(tpm: float) -> str:
+    return f"{tpm:.0f} tokens/min"
+
+
+def _traffic_view(rate: Rate | None, state: PoolState) -> dict[str, Any]:
+    """The pool's measured rate, which quotas are projected from (null until known: no cap before)."""
+    if rate is None:
+        return {"known": False, "rpm": None, "tpm": None, "requests": 0, "seconds": None,
+                "window_seconds": RATE_WINDOW, "over_quota_tiers": []}
+    return {"known": True, "rpm": round(rate.rpm, 1), "tpm": round(rate.tpm, 1), "requests": rate.requests,
+            "seconds": round(rate.seconds, 1), "window_seconds": RATE_WINDOW,
+            "over_quota_tiers": sorted(state.over_quota)}
+
+
+def _cooling_reason(cooldown: Cooldown) -> str:
+    def clock(at: float) -> str:
+        return time.strftime("%H:%M:%S", time.gmtime(at))
+
+    return (f"cooling: answered 429 with Retry-After {cooldown.retry_after!r} at {clock(cooldown.since)} UTC, "
+            f"out of rotation (DRAINING) until {clock(cooldown.until)} UTC")

@@ -85,6 +85,7 @@ class Observation(NamedTuple):
     usage_suspicious: bool = False  # a count was reported but could not be true: estimated instead
     client: str = ""  # the calling client's name (clients configured), from the header Envoy set from its key
     retry_after: str = ""  # the backend's Retry-After on a 429/503, as sent (parsed where it is used)
+    route: str = ""  # the route's name, read only when Envoy answered itself (e.g. `client/<name>`: a blocked client)
 
     @property
     def charged(self) -> bool:
@@ -243,6 +244,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         suspicious,
         client,
         headers.get("retry-after", "")[:32] if headers else "",
+        "" if served else common.route_name[:MAX_MODEL_CHARS],
     )
 
 

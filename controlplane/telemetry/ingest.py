@@ -32,11 +32,17 @@ log = logging.getLogger("controlplane.telemetry")
 
 
 class Telemetry:
-    def __init__(self, engine: Engine, spend: SpendBook, requests: RequestIndex, config: Callable[[], Config]) -> None:
+    def __init__(self, engine: Engine, spend: SpendBook, requests: RequestIndex, config: Callable[[], Config],
+                 clock: Callable[[], float] = time.time) -> None:
         self.engine = engine
         self.spend = spend
         self.requests = requests
         self.config = config
+        self.clock = clock  # when spend is charged (hour buckets, client minutes): the wall clock; tests shift it
+        # Per-client accounting (controllers/clients.py): each entry with a client or without a backend.
+        self.clients: Callable[[Observation, float], None] | None = None
+        # A backend's 429 with Retry-After (pool, backend, header as sent): cooled (controllers/quotas.py).
+        self.rate_limited: Callable[[str, str, str], object] | None = None
         self.recent = Recent()  # per backend, lately: status classes, error rate, percentiles, share
         self.histograms = GenAiHistograms()  # the OTel GenAI histograms
         self._synced: Config | None = None
@@ -51,15 +57,23 @@ class Telemetry:
     def observe_batch(self, batch: Iterable[Observation]) -> int:
         """Returns how many entries could not be used (each is logged)."""
         at = time.time()  # one clock read per batch: hour buckets need no finer time
+        charged_at = self.clock()
         config = self.config()
         if config is not self._synced:
             self._sync(config)
         pools = config.pools
         failed = 0
-        engine, spend, requests = self.engine, self.spend, self.requests
+        engine, spend, requests, clients = self.engine, self.spend, self.requests, self.clients
         recent, histograms = self.recent.observe, self.histograms.observe
         for obs in batch:
             pool, backend = obs.pool, obs.backend
+            if clients is not None and (obs.client or not backend):
+                try:
+                    clients(obs, charged_at)
+                except Exception:
+                    failed += 1
+                    log.exception("cannot count the access log entry of request %r for its client",
+                                  obs.request_id[:64])
             if not backend or pool not in pools:
                 continue  # answered by Envoy itself (overflow, budget, no host): no backend to score
             if not obs.status and obs.abandoned:
@@ -70,7 +84,8 @@ class Telemetry:
                 cost = engine.observe_request(pool, backend, ok, obs.latency_ms, obs.prompt_tokens,
                                               obs.completion_tokens, charged)
                 if charged:
-                    spend.add(at, pool, backend, obs.model, obs.prompt_tokens, obs.completion_tokens, cost)
+                    spend.add(charged_at, pool, backend, obs.model, obs.prompt_tokens, obs.completion_tokens, cost,
+                              obs.client)
                 seconds = obs.latency_ms / 1000
                 recent(at, pool, backend, obs.status, ok, seconds)
                 ttfb = obs.ttfb_ms
@@ -78,6 +93,8 @@ class Telemetry:
                            None if ttfb is None else ttfb / 1000, obs.prompt_tokens, obs.completion_tokens)
                 if obs.usage_suspicious:
                     self._suspicious(obs)
+                if obs.status == 429 and obs.retry_after and self.rate_limited is not None:
+                    self.rate_limited(pool, backend, obs.retry_after)
                 if obs.quality_header is not None:
                     engine.observe_feedback(pool, backend, obs.quality_header)
                 if obs.request_id:

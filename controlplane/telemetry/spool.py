@@ -27,7 +27,8 @@ entries while the file is written in completion order, so the lines charged
 ones of each worker's stream) among the requests of the last ~0.2 s (the
 access log's buffer interval): a few requests' backend, model or tokens may
 be swapped, never their number. A line whose usage is missing or absurd is
-estimated as accesslog.parse() does.
+estimated as accesslog.parse() does. Each line names its client (when
+clients are configured), so recovered spend is charged to it as well.
 
 Rotation. When `spool.jsonl` grows past MAX_BYTES it is renamed to
 `spool.1.jsonl` and Envoy is told to reopen its logs (admin `/reopen_logs`,
@@ -99,8 +100,9 @@ KEY_DURATION = "duration_ms"  # start to last byte out: the time allowance in ac
 KEY_PROMPT = "prompt_tokens"  # from the usage dynamic metadata: numbers, or null when absent
 KEY_COMPLETION = "completion_tokens"
 KEY_CHUNKS = "content_chunks"
+KEY_CLIENT = "client"  # the x-llm-client request header (Envoy's, from the key): null without clients
 KEYS = (KEY_ID, KEY_TIME, KEY_POOL, KEY_BACKEND, KEY_MODEL, KEY_REQUESTED, KEY_STATUS, KEY_FLAGS, KEY_RECEIVED,
-        KEY_SENT, KEY_DURATION, KEY_PROMPT, KEY_COMPLETION, KEY_CHUNKS)
+        KEY_SENT, KEY_DURATION, KEY_PROMPT, KEY_COMPLETION, KEY_CHUNKS, KEY_CLIENT)
 
 
 def _text(value: object, limit: int | None = None) -> str:
@@ -156,6 +158,7 @@ def observation(record: Mapping[str, Any]) -> Observation:
         requested,
         _text(record.get(KEY_MODEL), MAX_MODEL_CHARS) or requested,
         suspicious,
+        _text(record.get(KEY_CLIENT), MAX_MODEL_CHARS),  # a line written before lines had it: no client
     )
 
 
@@ -329,7 +332,7 @@ class Spool:
             backend = pool.backends.get(obs.backend)
             charge = request_cost(backend, obs.prompt_tokens, obs.completion_tokens) if backend else 0.0
             scratch.add(started_at(record, now), obs.pool, obs.backend, obs.model, obs.prompt_tokens,
-                        obs.completion_tokens, charge)
+                        obs.completion_tokens, charge, obs.client)
             requests += 1
             prompt += obs.prompt_tokens
             completion += obs.completion_tokens

@@ -375,6 +375,7 @@ def spool_log(path: str) -> accesslog_pb2.AccessLog:
         spool.KEY_PROMPT: usage("prompt_tokens"),
         spool.KEY_COMPLETION: usage("completion_tokens"),
         spool.KEY_CHUNKS: usage("content_chunks"),
+        spool.KEY_CLIENT: f"%REQ({CLIENT_HEADER}):{MAX_MODEL_CHARS}%",  # Envoy's, from the key: recovery charges the client
     }
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
