@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .harness import ControlPlane, MockBackend, http_json, spread, wait_for
+from .harness import ControlPlane, MockBackend, chat_body, http_json, spread, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -229,3 +229,40 @@ def test_live_page_shows_every_backend_with_its_weight(tmp_path):
             cp.stop()
         a.stop()
         b.stop()
+
+
+def test_live_page_lists_clients_by_name_never_by_key(tmp_path):
+    binary = chromium_binary()
+    import yaml
+
+    key = "page-client-key-0123456789abcdef"
+    a = MockBackend("a")
+    cp = ControlPlane(tmp_path, None, env={"PAGE_CLIENT_KEY": key}, start=False)
+    try:
+        doc = cp.document({"chat": {"match": {"prefix": "/v1/"}, "backends": {"a": {"url": a.url}}}})
+        doc["clients"] = {"web-app": {"key": "${PAGE_CLIENT_KEY}", "limits": {"requests_per_minute": 600}}}
+        cp.write_config(text=yaml.safe_dump(doc, sort_keys=False))
+        cp.start()
+        import http.client
+
+        for auth in (f"Bearer {key}", f"Bearer {key}", "Bearer wrong-key-0123456789abcdef"):
+            conn = http.client.HTTPConnection(cp.listener, timeout=10)
+            conn.request("POST", "/v1/chat/completions", chat_body(),
+                         {"content-type": "application/json", "authorization": auth})
+            conn.getresponse().read()
+            conn.close()
+        wait_for(lambda: cp.status()["clients"]["web-app"]["requests"] == 2, what="the client's requests counted")
+        deadline = time.monotonic() + 30
+        while True:
+            html = run_chromium(binary, tmp_path, f"{cp.api}/", "--dump-dom")
+            row = Dom(html).root.find(data_client="web-app")
+            if row is not None or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert row is not None, "the page has no row for client web-app"
+        cells = [n.text().strip() for n in row.walk() if n.tag == "td"]
+        assert cells[0] == "web-app" and cells[1] == "2" and cells[4] == "600 / —", cells
+        assert key not in html
+    finally:
+        cp.stop()
+        a.stop()
