@@ -10,12 +10,19 @@ import pytest
 
 from controlplane.config import Objective, parse_config
 from controlplane.scoring.simulator import (
+    FOLLOW_WINDOW,
+    ORACLE,
     TELEMETRY_STRATEGIES,
+    Change,
+    Outcome,
     Quality,
+    Result,
     Truth,
     Workload,
     WorkloadError,
     Yardstick,
+    drift_changes,
+    follow,
     format_table,
     load_workload,
     main_simulate,
@@ -27,6 +34,7 @@ from controlplane.scoring.simulator import (
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "configs" / "workloads" / "heterogeneous.yaml"
+DRIFT = ROOT / "configs" / "workloads" / "drift.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +250,87 @@ def test_format_table_shows_cost_relative_to_round_robin(shipped: Workload) -> N
     expected = 100 * (results[0].total_cost / results[1].total_cost - 1)
     assert f"{expected:+.1f}%" in table[1]
     assert len({len(line) for line in table}) == 1  # aligned
+
+
+# -- drift: how fast a run follows a change ---------------------------------------------------------
+
+
+def _run(strategy: str, backends: str, total: int | None = None) -> Result:
+    """A hand-made run: one request per letter, padded with 'x' (another backend) to `total`."""
+    names = list(backends) + ["x"] * ((total or 0) - len(backends))
+    return Result(strategy, tuple(Outcome(n, True, 100.0, 0.0, 1.0, 1.0) for n in names))
+
+
+def test_drift_workload_parses_with_a_backend_that_improves_and_one_that_degrades() -> None:
+    drift = load_workload(DRIFT)
+    assert drift.config is not None and drift.pool in drift.config.pools
+    assert not any(e.down is not None for e in drift.events)  # drift only: nothing goes down
+    changes = drift_changes(drift.config, drift)
+    assert [(c.label, c.gains) for c in changes] == [("from fast@1500", False), ("to bargain@3000", True)]
+    assert [c.until for c in changes] == [3000, drift.requests]
+    for change in changes:  # the truth moved the way the label says
+        event = next(e for e in drift.events if e.at == change.at)
+        assert event.set is not None and event.set.quality is not None
+        before = drift.backends[change.backend].quality.mean
+        assert (event.set.quality.mean > before) is change.gains
+    # The shipped workload's degradation is a change too; its outage (a `down` event) is not.
+    shipped = load_workload(SHIPPED)
+    assert shipped.config is not None
+    assert [c.label for c in drift_changes(shipped.config, shipped)] == ["from fast@2500"]
+    # Cut short, a change with no room for a window is left out.
+    assert [c.label for c in drift_changes(drift.config, drift, requests=3000 + FOLLOW_WINDOW - 1)] == ["from fast@1500"]
+    assert drift_changes(drift.config, drift, requests=1500) == []
+
+
+def test_follow_counts_requests_until_the_first_window_after_the_change_that_qualifies() -> None:
+    # Gains: b needs >= 50% of a window of 10. After the change at 4: a*8 b*3 a*2 b*...; b's count in the
+    # window starting at k is 2, 3, 3, 3, 4, 5 for k = 0..5, so it follows after 5 requests.
+    gains = Change(at=4, backend="b", gains=True, until=40)
+    run = _run("s", "bbbb" + "a" * 8 + "bbb" + "aa" + "b" * 20)
+    assert follow(run, gains, window=10) == 5
+    # The requests before the change do not count, however many went to b.
+    assert follow(_run("s", "b" * 4 + "a" * 36), gains, window=10) is None
+    # Exactly 50% is enough (5 of the 10 requests 9..18); a window must end by `until`.
+    exact = _run("s", "aaaa" + "a" * 10 + "b" * 5 + "a" * 21)
+    assert follow(exact, Change(4, "b", True, 19), window=10) == 5
+    assert follow(exact, Change(4, "b", True, 18), window=10) is None
+
+    # Loses: b must fall to at most 10% (1 of 10). After the change at 0: b*5 a*3 b a*...; b's count is
+    # 6, 5, 4, 3, 2, 1 for k = 0..5.
+    loses = Change(at=0, backend="b", gains=False, until=40)
+    assert follow(_run("s", "b" * 5 + "aaa" + "b" + "a" * 31), loses, window=10) == 5
+    assert follow(_run("s", "a" * 40), loses, window=10) == 0  # already there: nothing to wait for
+    # A run shorter than one window cannot be measured.
+    assert follow(_run("s", "a" * 8), loses, window=10) is None
+
+
+def test_a_run_that_never_follows_reads_never_not_a_number() -> None:
+    change = Change(at=10, backend="b", gains=True, until=60)
+    stays = _run("round_robin", "ab" * 5 + "abcd" * 13, total=60)  # b keeps 25% after the change
+    moves = _run(ORACLE, "a" * 10 + "b" * 50)
+    assert follow(stays, change, window=10) is None and follow(moves, change, window=10) == 0
+    table = format_table([stays, moves], [change], window=10).splitlines()
+    assert _column(table, "to b@10") == ["never", "0"]
+    assert len({len(line) for line in table}) == 1
+
+
+def _column(table: list[str], label: str) -> list[str]:
+    """The cells under a header no narrower than its cells (they are right-aligned to it)."""
+    start = table[0].index(label)
+    return [line[start:start + len(label)].strip() for line in table[1:]]
+
+
+def test_drift_table_has_a_follow_column_per_change(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_simulate(None, str(DRIFT), ["adaptive_learning"], None) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "to B@t / from B@t" in lines[2] and f"window of {FOLLOW_WINDOW} consecutive requests" in lines[2]
+    table = lines[3:]
+    head = table[0]
+    assert head.index("vs oracle") < head.index("from fast@1500") < head.index("to bargain@3000") < head.index("%bargain")
+    assert [line.split()[0] for line in table[1:]] == ["adaptive_learning", "round_robin", "oracle"]
+    degraded, improved = _column(table, "from fast@1500"), _column(table, "to bargain@3000")
+    assert degraded[2] == improved[2] == "0"  # the oracle
+    assert degraded[1] == improved[1] == "never"  # round robin never moves traffic at all
+    # Learning from ratings, adaptive learning leaves the regressed backend within a bound.
+    assert degraded[0] != "never" and int(degraded[0]) <= 1000, degraded[0]
+    assert improved[0] == "never" or int(improved[0]) >= 0  # a count or "never", whichever the Engine earns

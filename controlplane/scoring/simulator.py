@@ -13,6 +13,16 @@ slowest backend's initial true mean) applied to the request's own sampled
 quality. The Engine learns from its own estimate instead; the report does not.
 The oracle knows the truth in force at each request and, like the Engine,
 honours the pool's min_quality (by true mean quality) when any backend meets it.
+
+Drift: a `set` event that moves the oracle's choice onto a backend ("to B@t")
+or off it ("from B@t") is a change to follow. A run follows it after k
+requests, k the smallest offset such that among the FOLLOW_WINDOW requests
+t+k .. t+k+FOLLOW_WINDOW-1 (all after the change) B's share reaches FOLLOW_TO
+(to) or falls to FOLLOW_FROM (from). Such windows must end before the next
+event or the run's end; if none qualifies the run never followed (None). The
+oracle follows at 0, and so does a run already where the change leads. A run
+that switches all at once s requests after t reads s - 100 (to) or s - 20
+(from) at the defaults: the figure ranks runs, it is not an exact delay.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import math
 import random
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +55,9 @@ from .strategies import STRATEGY_FUNCTIONS
 
 TELEMETRY_STRATEGIES = tuple(STRATEGY_FUNCTIONS)
 ORACLE = "oracle"
+FOLLOW_WINDOW = 200  # requests per window when measuring how fast a run follows a change
+FOLLOW_TO = 0.5  # a backend the oracle moved to: followed once it has this share of a window
+FOLLOW_FROM = 0.1  # a backend the oracle left: followed once its share of a window is at most this
 
 
 class _Model(BaseModel):
@@ -282,6 +295,16 @@ def oracle_pick(truth: dict[str, Truth], down: set[str], unit_costs: dict[str, f
     return max(good, key=lambda n: yard.expected(truth[n], unit_costs[n]))
 
 
+def _measures(config: Config, workload: Workload) -> tuple[dict[str, float], Yardstick]:
+    """Each backend's price at the workload's mean token mix, and the report's yardstick."""
+    pool = config.pools[workload.pool or next(iter(config.pools))]
+    mean_prompt, mean_completion = workload.tokens.prompt.mean, workload.tokens.completion.mean
+    unit_costs = {b: request_cost(cfg, round(mean_prompt), round(mean_completion)) for b, cfg in pool.backends.items()}
+    yard = Yardstick(pool.scoring.objective, max(unit_costs.values()) or 1.0,
+                     2.0 * max(t.latency_ms.mean for t in workload.backends.values()))
+    return unit_costs, yard
+
+
 def simulate(config: Config, workload: Workload, strategy: str, requests: int | None = None) -> Result:
     """One strategy (any config strategy, or "oracle") over the workload; same inputs, same Result."""
     if strategy != ORACLE and strategy not in STRATEGIES:
@@ -295,10 +318,7 @@ def simulate(config: Config, workload: Workload, strategy: str, requests: int | 
     names = list(pool.backends)
     seed = workload.seed
     tokens_rng, outcome_rng, route_rng = (random.Random(f"{seed}:{s}") for s in ("tokens", "outcome", "route"))
-    mean_prompt, mean_completion = workload.tokens.prompt.mean, workload.tokens.completion.mean
-    unit_costs = {b: request_cost(cfg, round(mean_prompt), round(mean_completion)) for b, cfg in pool.backends.items()}
-    yard = Yardstick(pool.scoring.objective, max(unit_costs.values()) or 1.0,
-                     2.0 * max(t.latency_ms.mean for t in workload.backends.values()))
+    unit_costs, yard = _measures(config, workload)
     timeout_ms = pool.timeout.total_seconds() * 1000.0
     connect_ms = pool.connect_timeout.total_seconds() * 1000.0
     truth = dict(workload.backends)
@@ -351,13 +371,78 @@ def _apply(event: Event, truth: dict[str, Truth], down: set[str], engine: Engine
                                   "unhealthy" if event.down else "healthy")
 
 
-def format_table(results: list[Result]) -> str:
-    """One aligned row per run; cost relative to round robin, reward relative to the oracle."""
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A truth change at request `at` that moves the oracle's choice onto `backend` (gains) or off it."""
+
+    at: int
+    backend: str
+    gains: bool
+    until: int  # the next event's request, or the run's end: windows must end before it
+
+    @property
+    def label(self) -> str:
+        return f"{'to' if self.gains else 'from'} {self.backend}@{self.at}"
+
+
+def drift_changes(config: Config, workload: Workload, requests: int | None = None,
+                  window: int = FOLLOW_WINDOW) -> list[Change]:
+    """The changes a run can be seen to follow: `set` events that move the oracle, with room for a window.
+
+    The oracle's choice just before request `at` is compared with its choice once every event at `at`
+    has applied; a `set` on a backend it moves onto or off is a change. A change with fewer than
+    `window` requests before the next event (or the run's end) cannot be measured and is left out.
+    """
+    pool = config.pools[workload.pool or next(iter(config.pools))]
+    n = workload.requests if requests is None else requests
+    unit_costs, yard = _measures(config, workload)
+    truth, down = dict(workload.backends), set[str]()
+    events = sorted(workload.events, key=lambda e: e.at)
+    times = sorted({e.at for e in events})
+    changes: list[Change] = []
+    for i, at in enumerate(times):
+        before = oracle_pick(truth, down, unit_costs, yard, pool.scoring.min_quality)
+        here = [e for e in events if e.at == at]
+        for event in here:
+            _apply(event, truth, down, None, "")
+        after = oracle_pick(truth, down, unit_costs, yard, pool.scoring.min_quality)
+        until = min(n, times[i + 1]) if i + 1 < len(times) else n
+        if before == after or until - at < window:
+            continue
+        changes += [Change(at, name, name == after, until)
+                    for name in dict.fromkeys(e.backend for e in here if e.set is not None) if name in (before, after)]
+    return changes
+
+
+def follow(result: Result, change: Change, window: int = FOLLOW_WINDOW) -> int | None:
+    """Requests after the change until the run has followed it (module docstring); None: it never did."""
+    picks = [o.backend == change.backend for o in result.outcomes[change.at:change.until]]
+    if window < 1 or len(picks) < window:
+        return None
+    count = sum(picks[:window])
+    for k in range(len(picks) - window + 1):
+        if k:
+            count += picks[k + window - 1] - picks[k - 1]
+        share = count / window
+        if (share >= FOLLOW_TO) if change.gains else (share <= FOLLOW_FROM):
+            return k
+    return None
+
+
+def follow_legend(window: int = FOLLOW_WINDOW) -> str:
+    return (f"to B@t / from B@t: at request t the truth changed and the oracle moved all traffic onto / off B; "
+            f"the number is how many requests after t the first window of {window} consecutive requests starts "
+            f"in which B's share is at least {FOLLOW_TO:.0%} / at most {FOLLOW_FROM:.0%} "
+            f"(the oracle: 0); never: no such window ends before the next event or the run's end")
+
+
+def format_table(results: list[Result], changes: Sequence[Change] = (), window: int = FOLLOW_WINDOW) -> str:
+    """One aligned row per run; cost relative to round robin, reward relative to the oracle, follow lags."""
     by = {r.strategy: r for r in results}
     rr, oracle = by.get("round_robin"), by.get(ORACLE)
     backends = sorted({o.backend for r in results for o in r.outcomes})
     head = ["strategy", "cost", "vs rr", "quality", "q(ok)", "p95 ms", "errors", "reward", "vs oracle",
-            *[f"%{b}" for b in backends]]
+            *[c.label for c in changes], *[f"%{b}" for b in backends]]
     rows = [head]
     for r in results:
         shares = r.shares()
@@ -367,6 +452,7 @@ def format_table(results: list[Result]) -> str:
             f"{r.mean_quality:.3f}", f"{r.mean_quality_ok:.3f}", f"{r.p95_latency_ms:.0f}",
             f"{100 * r.error_rate:.1f}%", f"{r.mean_reward:.3f}",
             f"{100 * r.mean_reward / oracle.mean_reward:.1f}%" if oracle and oracle.mean_reward else "-",
+            *[_lag(follow(r, c, window)) for c in changes],
             *[f"{100 * shares.get(b, 0.0):.1f}" for b in backends],
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -374,6 +460,10 @@ def format_table(results: list[Result]) -> str:
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
         for row in rows
     )
+
+
+def _lag(requests: int | None) -> str:
+    return "never" if requests is None else str(requests)
 
 
 def main_simulate(config_path: str | None, workload_path: str, strategies: list[str] | None,
@@ -405,5 +495,8 @@ def main_simulate(config_path: str | None, workload_path: str, strategies: list[
           f"recompute every {workload.recompute_every} requests\n"
           "reward: the pool's objective on each request's sampled quality (failure 0); "
           "quality counts failures as 0, q(ok) is over successes; %backend is its share of requests")
-    print(format_table(results))
+    changes = drift_changes(config, workload, requests)
+    if changes:
+        print(follow_legend())
+    print(format_table(results, changes))
     return 0
