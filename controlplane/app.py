@@ -74,7 +74,8 @@ class App:
                                     lambda: self.config().controlplane.spend_flush_interval.total_seconds())
         self.requests = RequestIndex()
         self.telemetry = Telemetry(self.engine, self.spend, self.requests, self.config, clock=self.clock)
-        self.access_log = accesslog.AccessLogService(self._use_access_log)
+        # Request entries (spend, spool, scores' successes) and failed attempts (errors per backend, cooling).
+        self.access_log = accesslog.AccessLogService(self._use_access_log, self.telemetry.observe_attempts)
         self.spool = None if spool_path is None else Spool(
             spool_path, node_id, self.spend, self.ledger, self.flusher, self.access_log, self.config,
             self._envoy_admin_url)
@@ -86,7 +87,8 @@ class App:
         self.budgets = BudgetController(self.spend, self.alerter, self.reconciler, clock=self.clock)
         self.clients = ClientController(self.spend, self.alerter, self.reconciler, self.clock)
         self.telemetry.clients = self.clients.observe  # per client: counts, tokens per minute, rejections
-        self.scoring = ScoringLoop(self.engine, self.budgets, self.requests, self.reconciler)
+        self.scoring = ScoringLoop(self.engine, self.budgets, self.requests, self.reconciler,
+                                   envoy_states=lambda: self.envoy_hosts.states)  # never probe what Envoy ejected
         self.cooling = Cooling(self.reconciler)  # a backend's 429 with Retry-After: out of rotation that long
         self.telemetry.rate_limited = self.cooling.observe
         self.reloader = ConfigReloader(config_path, self.reconciler, self.engine, lambda: self.budgets.verdict.shifted,
@@ -106,7 +108,8 @@ class App:
         return self.reconciler.state.config
 
     def _use_access_log(self, batch: list[Observation], stream: Stream, received: int) -> int:
-        """Entries of our own Envoy are counted against its spool in the same step as their spend is added."""
+        """Entries of our own Envoy are counted against its spool in the same step as their spend is added.
+        Request-log streams only: the attempts log's go to Telemetry.observe_attempts (and its spool has none)."""
         if self.spool is not None and stream.node == self.node_id and not self.spool.count(stream, received):
             return 0  # from an Envoy whose spool was already charged
         return self.telemetry.observe_batch(batch)

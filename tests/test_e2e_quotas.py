@@ -102,9 +102,9 @@ def test_a_60_rpm_backend_under_300_rpm_gets_at_most_66_in_the_minute(tmp_path, 
 
 
 def test_a_429_with_retry_after_takes_the_backend_out_for_that_long(tmp_path, mocks):
-    """The control plane sees a request's final answer only (per-attempt telemetry is issue 13's): a 429 that
-    Envoy retried on another backend reaches no one. So this pool does not retry 429s, and the one 429 that
-    shows the backend is rate limited reaches its client; after it, no client sees a failure."""
+    """This pool does not retry 429s, so the one 429 that shows the backend is rate limited reaches its client;
+    after it, no client sees a failure. (With retries on, the attempt log shows the 429 instead:
+    tests/test_e2e_attempts.py.)"""
     limited = mocks("limited", "--error-rate", "1", "--error-status", "429", "--retry-after", "3")
     other = mocks("other")
     pools = {"chat": {"match": {"prefix": "/v1/"}, "strategy": "weighted", "timeout": "10s",

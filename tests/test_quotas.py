@@ -17,7 +17,7 @@ from controlplane.scoring.engine import QUOTA_TARGET, Engine
 from controlplane.scoring.stats import RateWindow
 from controlplane.scoring.weights import cap_shares
 from controlplane.state import Cooldown, DesiredState
-from controlplane.telemetry.accesslog import parse
+from controlplane.telemetry.accesslog import parse, parse_attempt
 from controlplane.xds import typeurls
 from controlplane.xds.server import SnapshotCache
 
@@ -394,6 +394,7 @@ def test_cooling_rebuilds_only_endpoints() -> None:
 
 
 def test_the_access_log_hook_sees_a_429_with_retry_after_only() -> None:
+    """From the attempts log: a 429 Envoy retried elsewhere is seen (the request's entry cools nothing)."""
     tel, _, _ = telemetry()
     seen: list[tuple[str, str, str]] = []
     tel.rate_limited = lambda *args: seen.append(args)
@@ -402,8 +403,10 @@ def test_the_access_log_hook_sees_a_429_with_retry_after_only() -> None:
     plain_429 = entry(status=429, backend="b")
     served = entry(status=200, backend="b")
     served.response.response_headers["retry-after"] = "3"
-    assert tel.observe_batch([parse(e) for e in (limited, plain_429, served)]) == 0
+    assert tel.observe_attempts([parse_attempt(e) for e in (limited, plain_429, served)]) == 0
     assert seen == [("chat", "a", "3")]
+    assert tel.observe_batch([parse(e) for e in (limited, plain_429, served)]) == 0
+    assert seen == [("chat", "a", "3")], "the request's entry: counted from its attempt's"
 
 
 def test_explain_shows_cooling_and_the_scoring_loop_rescores_at_once() -> None:

@@ -130,6 +130,7 @@ def test_a_stream_cut_short_is_a_failure_that_is_charged() -> None:
     e = entry(backend="a", status=200, usage={"content_chunks": 50}, request_bytes=4000, response_bytes=20_000,
               last_byte_ms=30_000.0)
     e.common_properties.response_flags.upstream_request_timeout = True
+    e.response.response_code_details = "response_timeout"  # the route's timeout: no attempt entry has it
     tel.observe_batch([parse(e)])
     st = engine.stats[("chat", "a")]
     assert (st.requests, st.errors, st.latency_ewma_ms) == (1, 1, None), "an error, not a latency sample"
@@ -143,6 +144,7 @@ def test_a_failure_without_an_answer_is_not_charged() -> None:
     tel, engine, book = telemetry()
     e = entry(backend="a", status=504, request_bytes=4000)
     e.common_properties.response_flags.upstream_request_timeout = True
+    e.response.response_code_details = "response_timeout"
     tel.observe_batch([parse(e)])
     assert engine.stats[("chat", "a")].errors == 1 and book.total() == {} and engine.stats[("chat", "a")].cost == 0
 

@@ -366,7 +366,18 @@ class Scoring(_Model):
     smoothing: float = Field(0.5, gt=0, le=1)  # share of the new target taken each interval
     hysteresis: float = Field(0.02, ge=0, le=0.5)  # smallest share change worth a push
     min_quality: float | None = Field(None, ge=0, le=1)
+    # A backend excluded for min_quality returns only at min_quality + reentry_margin (it leaves below
+    # min_quality): an estimate hovering at the threshold does not flap in and out of rotation.
+    reentry_margin: float = Field(0.02, ge=0, le=0.5)
+    # Re-discovery: a backend out of rotation for quality or score (min_quality, or a strategy share
+    # under this) still gets this share, so ratings keep its estimates current; 0 turns it off. Never
+    # given to a backend that is unhealthy, ejected or failing checks in Envoy's view, draining or cooling.
+    probe_share: float = Field(0.01, ge=0, le=0.1)
     quality_prior_weight: float = Field(10.0, gt=0)  # the prior counts as this many feedback scores
+    # The quality estimate's memory, in ratings: each rating multiplies the weight of the earlier ones by
+    # 1 - 1/memory_ratings, so at most this many ratings' worth of evidence counts (half of it from the
+    # latest ~0.69 x memory_ratings). adaptive_learning's reward posterior forgets at the same rate per request.
+    memory_ratings: float = Field(100.0, ge=2)
     objective: Objective = Objective()
     seed: int = 0
 

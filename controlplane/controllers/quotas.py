@@ -4,9 +4,10 @@ The backend is published DRAINING in EDS (as a drain is: no new requests, those 
 until the time it named; a timer puts it back. Never the last backend of a pool in rotation: a pool
 with nowhere else to send keeps it, and Envoy's retries and back-off deal with the 429s.
 
-What is seen is the access log's entry per request, i.e. the final attempt's answer: a 429 that
-Envoy retried on another backend shows as that backend's answer, and cools nothing (per-attempt
-telemetry is issue 13's). A 429 is seen when it is the answer the client got.
+What is seen is each failed attempt (the router's attempts log, telemetry/accesslog.py): a 429 that
+Envoy retried on another backend, and answered from there, cools the backend that sent it as well
+as one the client got. The attempts log is at most once like every gRPC access log: a 429 whose entry
+is lost cools nothing, and the backend's next 429 does.
 """
 
 from __future__ import annotations

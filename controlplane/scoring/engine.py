@@ -10,18 +10,18 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import STATIC_STRATEGIES, Backend, Config, Objective, Pool
 from ..state import Cooldown, Cooling, Drained, Weights
-from .stats import RATE_WINDOW, BackendStats, Rate, RateWindow
-from .strategies import Candidate, Decision, decide
+from .stats import RATE_WINDOW, BackendStats, Rate, RateWindow, memory_decay
+from .strategies import Candidate, Decision, decide, probe
 from .weights import cap_shares, pool_weights
 
 WEIGHT_SCALE = 1000
 DEFAULT_MIX = (500, 200)  # prompt, completion tokens per request until some are seen
-REWARD_DECAY = 0.995  # per observation of a backend: old evidence fades for re-convergence
 DEFAULT_LATENCY_REF_MS = 5000.0
 # Backend quotas: a capped backend's projected rate is held at QUOTA_TARGET of its quota, so the noise of
 # a rate measured over seconds stays under it; a published share may drift up to QUOTA_SLACK over a
@@ -69,6 +69,7 @@ class PoolState:
     binding: frozenset[str] = frozenset()  # backends whose share its quota lowered
     over_quota: frozenset[int] = frozenset()  # tiers whose quotas together cannot hold their traffic
     quota_reasons: dict[str, str] = field(default_factory=dict)
+    below_quality: frozenset[str] = frozenset()  # held out by min_quality: they return at min_quality + margin
 
 
 class Engine:
@@ -85,6 +86,9 @@ class Engine:
         # among the rest, and explain says why.
         self.drained: Drained = frozenset()
         self.cooling: Cooling = {}
+        # Envoy's own view: (pool, backend) -> why Envoy sends it nothing (ejected, failing active checks).
+        # Such a backend is never probed; its weight is otherwise left to Envoy.
+        self.envoy_out: Mapping[tuple[str, str], str] = {}
 
     def sync(self, config: Config) -> None:
         """Follow the config: new backends get stats, priors follow edits, removed ones go (kept one sync)."""
@@ -104,12 +108,14 @@ class Engine:
                         prior_quality=backend.quality,
                         prior_weight=pool.scoring.quality_prior_weight,
                         expected_latency_ms=backend.expected_latency_ms,
+                        decay=memory_decay(pool.scoring.memory_ratings),
                     )
                 else:
                     self.stats[key] = st
                     st.prior_quality = backend.quality
                     st.prior_weight = pool.scoring.quality_prior_weight
                     st.expected_latency_ms = backend.expected_latency_ms
+                    st.decay = memory_decay(pool.scoring.memory_ratings)
         self._retired_stats = {key: self.stats.pop(key) for key in set(self.stats) - keep}
         self._retired_pools = {name: self.pools.pop(name) for name in set(self.pools) - set(config.pools)}
         self.usage_suspicious = {key: n for key, n in self.usage_suspicious.items()
@@ -142,7 +148,35 @@ class Engine:
         if paid:
             st.window_tokens += prompt_tokens + completion_tokens
         if p.strategy == "adaptive_learning":  # the only reader of the reward posterior
-            st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), REWARD_DECAY)
+            # The same memory as the quality estimate's, per request: one number says how fast both forget.
+            st.observe_reward(self.reward(pool, backend, ok, latency_ms, cost), st.decay)
+        return cost
+
+    def observe_attempt_failure(self, pool: str, backend: str, latency_ms: float) -> bool:
+        """One failed attempt at `backend` (the attempts log; or a request Envoy's own timer ended, which
+        no attempt entry records): an error, and its time if longer than the latency estimate. Costs
+        nothing: what a cut answer cost is charged from its request's entry (charge())."""
+        st = self.stats.get((pool, backend))
+        p = self.config.pools.get(pool)
+        if st is None or p is None or backend not in p.backends:
+            return False
+        st.observe_failure(latency_ms)
+        st.window_requests += 1  # the backend was sent it: its quota's rate counts it
+        if p.strategy == "adaptive_learning":
+            st.observe_reward(0.0, st.decay)  # a failure earns nothing (reward())
+        return True
+
+    def charge(self, pool: str, backend: str, prompt_tokens: int, completion_tokens: int) -> float:
+        """What a failed request the backend still did the work for cost (an answer cut short): spend only,
+        its failure being counted by observe_attempt_failure()."""
+        st = self.stats.get((pool, backend))
+        p = self.config.pools.get(pool)
+        cfg = p.backends.get(backend) if p is not None else None
+        if cfg is None or st is None:
+            return 0.0
+        cost = request_cost(cfg, prompt_tokens, completion_tokens)
+        st.cost += cost
+        st.window_tokens += prompt_tokens + completion_tokens
         return cost
 
     def observe_suspicious_usage(self, pool: str, backend: str) -> int:
@@ -221,6 +255,23 @@ class Engine:
         """Which backends Envoy sends no new requests (as of the desired state)."""
         self.drained, self.cooling = drained, cooling
 
+    def set_envoy_view(self, out: Mapping[tuple[str, str], str]) -> None:
+        """Which backends Envoy itself sends nothing ((pool, backend) -> why): never probed."""
+        self.envoy_out = out
+
+    def _unprobed(self, pname: str, pool: Pool) -> dict[str, str]:
+        """The pool's backends that must not be probed, and why (deep health is the strategies' own check)."""
+        out = {}
+        for name in pool.backends:
+            key = (pname, name)
+            if key in self.cooling:
+                out[name] = "cooling after a 429"
+            elif key in self.drained:
+                out[name] = "draining"
+            elif key in self.envoy_out:
+                out[name] = self.envoy_out[key]
+        return out
+
     def recompute(self, shift_to_cheapest: frozenset[str] = frozenset(), pools: frozenset[str] | None = None,
                   now: float | None = None) -> bool:
         """New weights for every pool (or those named); True if any changed enough to push.
@@ -240,14 +291,19 @@ class Engine:
             state.window.roll(now, {name: st.take_window() for name in pool.backends
                                     if (st := self.stats.get((pname, name))) is not None})
         cands = self.candidates(pname)
-        decision = decide(pool.strategy, cands, pool.scoring, state.rng, shift_to_cheapest=shift)
+        decision = decide(pool.strategy, cands, pool.scoring, state.rng, shift_to_cheapest=shift,
+                          below_quality=state.below_quality)
         if not any(decision.shares.values()):
             # Every backend reports unhealthy: a health endpoint can be wrong, so keep all in
             # rotation by configured weight and let Envoy's own checks and retries decide.
-            fallback = decide("weighted", [_healthy(c) for c in cands], pool.scoring, state.rng)
+            fallback = decide("weighted", [_healthy(c) for c in cands], pool.scoring, state.rng,
+                              below_quality=state.below_quality)
             reasons = {n: "every backend reports unhealthy: kept in rotation; " + r for n, r in fallback.reasons.items()}
-            decision = Decision(fallback.shares, reasons)
-        state.decision, state.shifted = decision, shift
+            decision = Decision(fallback.shares, reasons, fallback.below_quality)
+        elif not shift:  # a budget shift sends everything to the cheapest: nothing to probe with
+            decision = probe(decision, cands, pool.scoring.probe_share, pool.strategy not in STATIC_STRATEGIES,
+                             self._unprobed(pname, pool))
+        state.decision, state.shifted, state.below_quality = decision, shift, decision.below_quality
         static = pool.strategy in STATIC_STRATEGIES or shift
         target = decision.shares
         if static or not state.smoothed or set(state.smoothed) != set(target):
@@ -255,8 +311,9 @@ class Engine:
         else:
             a = pool.scoring.smoothing
             smoothed = {n: state.smoothed[n] + a * (target[n] - state.smoothed[n]) for n in target}
-            # A backend taken out (unhealthy, below quality) leaves at once, not smoothly.
-            smoothed = {n: (0.0 if target[n] == 0 else s) for n, s in smoothed.items()}
+            # A backend taken out (unhealthy, below quality) leaves at once, not smoothly; one only probed
+            # takes exactly the probe share.
+            smoothed = {n: (target[n] if target[n] == 0 or n in decision.probing else s) for n, s in smoothed.items()}
         state.smoothed = smoothed
         # Quotas last, on every strategy: what Envoy is sent never projects a backend past its quota.
         was_binding = state.binding
@@ -371,10 +428,13 @@ class Engine:
                 "latency_ms": {"ewma": _round(st.latency_ewma_ms), "p95": _round(st.p95_ms),
                                "expected": st.expected_latency_ms},
                 "error_rate": round(st.error_ewma, 4),
-                "requests": st.requests,
+                "requests": st.requests,  # successes, failed attempts (retried ones too) and timed-out requests
+                "errors": st.errors,
                 "usage_suspicious": self.usage_suspicious.get((pool, name), 0),
                 "cost": {"per_request_estimate": round(costs[name], 6), "spent": round(st.cost, 6)},
                 "quality": {"estimate": round(st.quality, 4), "prior": st.prior_quality, "feedback": st.feedback_n},
+                "below_min_quality": name in state.below_quality,  # held out: returns at min_quality + margin
+                "probing": bool(state.decision and name in state.decision.probing),  # only the probe share
                 "quota": self._quota_view(pool, name, backend, rate),
                 "cooling": None if cooldown is None else {
                     "until": round(cooldown.until, 3), "since": round(cooldown.since, 3),

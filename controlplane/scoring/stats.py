@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 
 LATENCY_ALPHA = 0.1  # EWMA weight of one request
 ERROR_ALPHA = 0.05
-QUALITY_DECAY = 0.99  # per rating: old ratings fade (about the last 100 count), so a drop shows
+# The quality estimate's memory (`scoring.memory_ratings`), in ratings: each rating multiplies the weight
+# of the earlier ones by 1 - 1/memory, so the discounted count of ratings never exceeds `memory` and a
+# change shows within about that many ratings (half of the old evidence is gone after ~0.69 x memory).
+DEFAULT_MEMORY_RATINGS = 100.0
+QUALITY_DECAY = 1.0 - 1.0 / DEFAULT_MEMORY_RATINGS  # 0.99
+
 # A pool's traffic rate, for backend quotas: measured over the last RATE_WINDOW seconds and over the
 # latest RATE_SHORT seconds, and the larger one counts, so a surge is seen within a round while a lull
 # relaxes the caps only as it lasts. Unknown (no cap) until RATE_MIN_REQUESTS requests over at least
@@ -24,11 +29,17 @@ RATE_MIN_REQUESTS = 5
 RATE_MIN_SECONDS = 1.0
 
 
+def memory_decay(memory: float) -> float:
+    """The per-observation discount of a memory of `memory` observations."""
+    return 1.0 - 1.0 / memory
+
+
 @dataclass
 class BackendStats:
     prior_quality: float
     prior_weight: float  # the prior counts as this many feedback scores
     expected_latency_ms: float | None = None
+    decay: float = QUALITY_DECAY  # per rating (and per reward): memory_decay(scoring.memory_ratings)
     requests: int = 0
     errors: int = 0
     latency_ewma_ms: float | None = None
@@ -66,6 +77,16 @@ class BackendStats:
             self.completion_tokens += completion_tokens
         self.cost += cost
 
+    def observe_failure(self, latency_ms: float) -> None:
+        """A failed attempt (or request): an error. Its time counts only when longer than the latency
+        estimate: a timed-out attempt shows the backend slow, a quick refusal never makes it look fast
+        (and no failure starts the estimate)."""
+        self.observe(False, latency_ms)
+        ewma = self.latency_ewma_ms
+        if ewma is not None and latency_ms > ewma:
+            self._latencies.append(latency_ms)
+            self.latency_ewma_ms = ewma + LATENCY_ALPHA * (latency_ms - ewma)
+
     def take_window(self) -> tuple[int, int]:
         """(requests, tokens) since the last call, and start counting again."""
         counts = self.window_requests, self.window_tokens
@@ -74,8 +95,8 @@ class BackendStats:
 
     def observe_feedback(self, score: float) -> None:
         self.feedback_n += 1
-        self.feedback_sum = self.feedback_sum * QUALITY_DECAY + score
-        self.feedback_weight = self.feedback_weight * QUALITY_DECAY + 1.0
+        self.feedback_sum = self.feedback_sum * self.decay + score
+        self.feedback_weight = self.feedback_weight * self.decay + 1.0
 
     def observe_reward(self, reward: float, decay: float) -> None:
         """Discounting old evidence lets the posterior follow a backend that changes."""

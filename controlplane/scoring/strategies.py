@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from ..config import Scoring
@@ -18,6 +18,7 @@ SAMPLES = 512  # Thompson draws per recompute
 TEMPERATURE_QUALITY = 0.05
 TEMPERATURE_UTILITY = 0.1
 COST_SHARPNESS = 4.0  # a backend twice the price gets 1/16 of the cheapest's score
+MAX_PROBE_TOTAL = 0.5  # probes together never take more than this share from the backends in rotation
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Candidate:
 class Decision:
     shares: dict[str, float]
     reasons: dict[str, str]
+    # Backends min_quality holds out (with re-entry hysteresis): the next decision's `below_quality`.
+    below_quality: frozenset[str] = frozenset()
+    probing: frozenset[str] = frozenset()  # given only the probe share (see probe())
 
 
 def _normalize(scores: Mapping[str, float]) -> dict[str, float]:
@@ -117,32 +121,58 @@ def configured(cands: list[Candidate], strategy: str) -> dict[str, float]:
     return _normalize({c.name: 1.0 if strategy == "round_robin" else float(c.weight) for c in cands})
 
 
+def below_min_quality(c: Candidate, scoring: Scoring, was_below: bool) -> bool:
+    """min_quality with hysteresis: a backend leaves below min_quality and returns only at
+    min_quality + reentry_margin, so an estimate hovering at the threshold does not flap."""
+    if scoring.min_quality is None:
+        return False
+    return c.quality < scoring.min_quality + (scoring.reentry_margin if was_below else 0.0)
+
+
+def _quality_reason(c: Candidate, scoring: Scoring, was_below: bool) -> str:
+    assert scoring.min_quality is not None
+    back = scoring.min_quality + scoring.reentry_margin
+    if was_below and c.quality >= scoring.min_quality:
+        return (f"quality {c.quality:.2f} below min_quality {scoring.min_quality:.2f} + reentry_margin "
+                f"{scoring.reentry_margin:.2f}, which it must reach to return: no traffic")
+    return f"quality {c.quality:.2f} below min_quality {scoring.min_quality:.2f} (returns at {back:.2f}): no traffic"
+
+
 def decide(
     strategy: str,
     cands: list[Candidate],
     scoring: Scoring,
     rng: random.Random,
     shift_to_cheapest: bool = False,
+    below_quality: Collection[str] = frozenset(),
 ) -> Decision:
-    """Shares for every candidate: eligibility, the strategy, the exploration floor, then health."""
+    """Shares for every candidate: eligibility, the strategy, the exploration floor, then health.
+
+    `below_quality`: the backends min_quality held out last time (the last decision's), which need
+    min_quality + reentry_margin to return."""
     reasons: dict[str, str] = {}
     shares = dict.fromkeys((c.name for c in cands), 0.0)
     eligible = [c for c in cands if c.health > 0]
     for c in cands:
         if c.health <= 0:
             reasons[c.name] = "unhealthy: no traffic"
-    if scoring.min_quality is not None and eligible:
-        good = [c for c in eligible if c.quality >= scoring.min_quality]
+    below = frozenset(c.name for c in cands if below_min_quality(c, scoring, c.name in below_quality))
+    if below and eligible:
+        good = [c for c in eligible if c.name not in below]
+        if not good and scoring.min_quality is not None:
+            # None is back over the margin: those that meet min_quality itself beat keeping every one.
+            good = [c for c in eligible if c.quality >= scoring.min_quality]
+            below = below - {c.name for c in good}
         if good:
             for c in eligible:
                 if c not in good:
-                    reasons[c.name] = f"quality {c.quality:.2f} below min_quality {scoring.min_quality:.2f}: no traffic"
+                    reasons[c.name] = _quality_reason(c, scoring, c.name in below_quality)
             eligible = good
         else:
             for c in eligible:
                 reasons[c.name] = f"quality {c.quality:.2f} below min_quality, kept: no backend meets it"
     if not eligible:
-        return Decision(shares, reasons)
+        return Decision(shares, reasons, below)
 
     if shift_to_cheapest:
         cheapest = min(c.unit_cost for c in eligible)
@@ -163,7 +193,51 @@ def decide(
     shares.update(raw if shift_to_cheapest else _apply_health(raw, {c.name: c.health for c in eligible}))
     for c in eligible:
         reasons.setdefault(c.name, _reason(strategy, c, shares[c.name], shift_to_cheapest))
-    return Decision(shares, reasons)
+    return Decision(shares, reasons, below)
+
+
+def probe(decision: Decision, cands: list[Candidate], share: float, by_score: bool,
+          unavailable: Mapping[str, str]) -> Decision:
+    """Re-discovery: a backend out of rotation for quality (held out by min_quality) or, when `by_score`
+    (the telemetry strategies), given less than `share` by its strategy, gets `share` of the traffic, so
+    the ratings and measurements it earns keep its estimates current and it can return. The others give
+    it up in proportion to their shares.
+
+    Never probed: an unhealthy backend (deep health 0) or one in `unavailable` (name -> why: ejected or
+    failing checks in Envoy's view, draining, cooling). Nothing is probed when no backend has a share
+    (every one unhealthy), or with `share` 0."""
+    if share <= 0 or sum(decision.shares.values()) <= 0:
+        return decision
+    reasons = dict(decision.reasons)
+    wanted = []
+    for c in cands:
+        held = c.name in decision.below_quality and decision.shares[c.name] == 0
+        if c.health <= 0 or not (held or (by_score and decision.shares[c.name] < share)):
+            continue
+        if c.name in unavailable:
+            reasons[c.name] = f"{reasons.get(c.name, '')}; not probed: {unavailable[c.name]}"
+        else:
+            wanted.append(c.name)
+    each = share
+    while wanted:  # many probes split MAX_PROBE_TOTAL; a probe never lowers the share a strategy gave
+        each = min(share, MAX_PROBE_TOTAL / len(wanted))
+        if all(decision.shares[n] < each for n in wanted):
+            break
+        wanted = [n for n in wanted if decision.shares[n] < each]
+    rest = sum(s for n, s in decision.shares.items() if n not in wanted)
+    if not wanted or rest <= 0:
+        return Decision(decision.shares, reasons, decision.below_quality)
+    scale = (1.0 - each * len(wanted)) / rest
+    shares = {n: each if n in wanted else s * scale for n, s in decision.shares.items()}
+    for n in wanted:
+        before = reasons.get(n, "").removesuffix(": no traffic")
+        reasons[n] = (f"probing only: {each:.1%} of traffic (scoring.probe_share) so its estimates stay current; "
+                      + (before if n in decision.below_quality else "the strategy alone: " + before))
+    for n, old in decision.shares.items():
+        prefix = f"{old:.1%} of traffic"
+        if n not in wanted and old > 0 and reasons.get(n, "").startswith(prefix):
+            reasons[n] = f"{shares[n]:.1%} of traffic after probes" + reasons[n].removeprefix(prefix)
+    return Decision(shares, reasons, decision.below_quality, frozenset(wanted))
 
 
 def _apply_health(shares: dict[str, float], health: dict[str, float]) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""Envoy's gRPC access log -> one observation per request.
+"""Envoy's gRPC access logs -> one observation per request, one attempt per failed upstream attempt.
 
 Token usage arrives as dynamic metadata (namespace `llm_lb.usage`) set by the
 listener's Lua filter, which reads the `usage` block of a JSON body or of the
@@ -8,6 +8,18 @@ The model comes in two parts: the one the app asked for (the request header
 MODEL_HEADER, which Envoy logs with the request headers) and the one a backend
 serves under its own name (the custom tag MODEL_TAG, set per backend; absent
 when the backend serves the requested name).
+
+Two logs arrive here, told apart by the `log_name` in each stream's first message:
+- REQUEST_LOG, the connection manager's: one entry per request, with its final attempt's backend. It
+  drives cost, spend, feedback, client accounting, histograms and the spool, and the scores' successes.
+- ATTEMPTS_LOG, the router's `upstream_log`: one entry per FAILED upstream attempt (Envoy's filter drops
+  the rest, so a success costs nothing here), retried ones included. Each is an error for the backend
+  that failed it (parse_attempt()); a 429 with Retry-After cools that backend.
+A failure is counted once: by its attempt entry, or, for the causes no attempt entry records (Envoy's
+own timers on the whole request, REQUEST_FAILURES), by the request's entry (Observation.unattempted).
+Envoy's gRPC access log is at most once: an attempt entry lost on the way (a reconnect, a full buffer,
+`logs_dropped` in Envoy) is a failure the scores never see, so a backend's error rate can read low, never
+high; its request's entry (a success elsewhere, or a failure) is counted as usual.
 """
 
 from __future__ import annotations
@@ -60,6 +72,21 @@ CUT_FLAGS = frozenset({  # the backend's side failed; a client that hangs up (DC
     "upstream_remote_reset", "local_reset", "upstream_connection_termination", "upstream_protocol_error",
     "UT", "SI", "UMSDR", "UR", "LR", "UC", "UPE",
 })
+# A failed upstream attempt, by its response flags (besides a status >= 500 or 429): CUT_FLAGS, and a
+# connection that could not be made. Not `upstream_overflow` (UO): that is Envoy's own circuit breaker for
+# the whole pool, whichever host it had picked. The short codes are those the attempts log's filter sends
+# (xds/resources.py); Envoy checks them when it loads the filter.
+ATTEMPT_FAILURE_CODES = ("UF", "UT", "SI", "UMSDR", "UR", "LR", "UC", "UPE")
+ATTEMPT_FAILURE_FLAGS = CUT_FLAGS | {"upstream_connection_failure", "UF"}
+# Failures of the whole request that no attempt entry records (response_code_details of the request's
+# entry): the route's timeout resets the attempt in flight without a status or flag of its own (seen with
+# Envoy 1.40: the attempt is logged with status 0 or 200 and no flag, like one a client hung up on), and
+# so do the connection manager's stream timers. Counted from the request's entry instead. (Should the
+# route's timeout end a request while it waits to retry, its last attempt's failure was counted already:
+# that request counts twice. The back-off is at most `retry.backoff.max_interval`, 250 ms by default.)
+REQUEST_FAILURES = frozenset({"response_timeout", "stream_idle_timeout"})  # flags UT and SI
+REQUEST_LOG = "llm_lb"  # the connection manager's access log: one entry per request
+ATTEMPTS_LOG = "llm_lb_attempts"  # the router's upstream log: one entry per failed attempt
 # The client went away (hung up, reset, sent garbage): before any answer, nothing about the backend is known.
 CLIENT_FLAGS = frozenset({
     "downstream_connection_termination", "downstream_remote_reset", "downstream_protocol_error", "DC", "DR", "DPE",
@@ -86,6 +113,11 @@ class Observation(NamedTuple):
     client: str = ""  # the calling client's name (clients configured), from the header Envoy set from its key
     retry_after: str = ""  # the backend's Retry-After on a 429/503, as sent (parsed where it is used)
     route: str = ""  # the route's name, read only when Envoy answered itself (e.g. `client/<name>`: a blocked client)
+    # A failure no attempt entry records (REQUEST_FAILURES): the scores count it from this entry.
+    unattempted: bool = False
+    # Retried: the time before the final attempt began (earlier attempts, back-off), which is not the final
+    # backend's. Its latency for the scores is latency_ms - retried_ms; 0 when there was one attempt.
+    retried_ms: float = 0.0
 
     @property
     def charged(self) -> bool:
@@ -218,6 +250,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
                                        response.response_body_bytes)
     else:
         estimated = False
+    flags = _flags(common.response_flags) if common.HasField("response_flags") else ""
     headers = response.response_headers
     raw_quality = headers.get("x-quality-score") if headers else None
     request_headers = request.request_headers
@@ -227,6 +260,9 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
     model = tags.get(MODEL_TAG, "")[:MAX_MODEL_CHARS] or requested
     address = common.upstream_remote_address
     served = address.HasField("socket_address") or address.ByteSize() > 0
+    retried = 0.0
+    if common.upstream_request_attempt_count > 1 and common.HasField("time_to_first_upstream_tx_byte"):
+        retried = min(latency, _ms(common.time_to_first_upstream_tx_byte))  # when the final attempt began
     return Observation(
         request.request_id,
         common.upstream_cluster,
@@ -237,7 +273,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         prompt,
         completion,
         estimated,
-        _flags(common.response_flags) if common.HasField("response_flags") else "",
+        flags,
         _quality(raw_quality) if raw_quality else None,
         requested,
         model,
@@ -245,6 +281,50 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         client,
         headers.get("retry-after", "")[:32] if headers else "",
         "" if served else common.route_name[:MAX_MODEL_CHARS],
+        bool(flags) and response.response_code_details in REQUEST_FAILURES,  # each such timeout sets a flag
+        retried,
+    )
+
+
+class Attempt(NamedTuple):
+    """One upstream attempt from the attempts log (Envoy sends only failed ones: see ATTEMPTS_LOG)."""
+
+    request_id: str
+    pool: str
+    backend: str  # from the chosen endpoint's metadata: also set when no connection could be made
+    status: int  # 0 when no response began (connection failure, reset, timeout)
+    latency_ms: float  # the attempt's own duration: from its start to its end
+    response_flags: str
+    retry_after: str = ""  # the backend's Retry-After on a 429/503, as sent
+
+    @property
+    def failed(self) -> bool:
+        """The backend failed this attempt: status >= 500 or 429, or a failure flag (ATTEMPT_FAILURE_FLAGS).
+        Checked here too, so the log's filter only saves work: what passes it is judged by this rule. An
+        attempt with no status and no flag is not a failure: the client hung up on it (or the route's
+        timeout fired, which the request's entry counts: REQUEST_FAILURES)."""
+        status = self.status
+        if status >= 500 or status == 429:
+            return True
+        flags = self.response_flags
+        return bool(flags) and not ATTEMPT_FAILURE_FLAGS.isdisjoint(flags.split(","))
+
+
+def parse_attempt(entry: accesslog_pb2.HTTPAccessLogEntry) -> Attempt:
+    """An attempts-log entry: what counts against the backend that failed it, nothing about usage or cost.
+    (In these entries Envoy's request/response body byte counts are from the upstream's side, i.e.
+    swapped: not read.)"""
+    common = entry.common_properties
+    response = entry.response
+    headers = response.response_headers
+    return Attempt(
+        entry.request.request_id[:MAX_MODEL_CHARS],
+        common.upstream_cluster,
+        common.custom_tags.get("backend", ""),
+        response.response_code.value,
+        _ms(common.duration),
+        _flags(common.response_flags) if common.HasField("response_flags") else "",
+        headers.get("retry-after", "")[:32] if headers else "",
     )
 
 
@@ -259,23 +339,35 @@ class Stream:
     seq: int  # in the order streams were opened, from 1
     node: str = ""  # the Envoy's node id, from the stream's first message ("" until it arrives)
     entries: int = 0  # entries received on it, whether or not they could be read
+    log_name: str = ""  # which log (REQUEST_LOG, ATTEMPTS_LOG), from the stream's first message
+
+    @property
+    def attempts(self) -> bool:
+        return self.log_name == ATTEMPTS_LOG
 
 
 # A batch of observations, the stream it came on, and how many entries its message held (some may not
 # have been readable) -> how many of them could not be used.
 Sink = Callable[[list[Observation], Stream, int], int]
+# A batch of failed attempts (the attempts log) -> how many of them could not be used.
+AttemptSink = Callable[[list[Attempt]], int]
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """Stream-unary: iterate the stream and return once (an async generator would drop everything).
 
     Each message's entries go to the sink as one batch, with the stream they came on (its node id
-    names the Envoy). Streams are counted per node: every stream after a node's first ones is a
-    reconnect, and entries Envoy held while it had no stream may be lost (`logs_dropped` in Envoy).
+    names the Envoy); those of an attempts-log stream go to `attempts` instead (dropped without one).
+    Request-log streams are counted per node: every stream after a node's first ones is a reconnect, and
+    entries Envoy held while it had no stream may be lost (`logs_dropped` in Envoy). Attempts-log streams
+    open lazily, at a worker's first failed attempt: counted apart (`attempt_streams`).
     """
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, attempts: AttemptSink | None = None) -> None:
         self.sink = sink
+        self.attempts = attempts
+        self.attempt_entries = 0  # of `entries`: those from attempts-log streams
+        self.attempt_streams = 0
         self.messages = 0  # entries / messages: how well Envoy batches (each message has a fixed cost here)
         self.entries = 0
         self.errors = 0
@@ -285,8 +377,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self._open: dict[int, Stream] = {}
 
     def open_streams(self, node: str) -> int:
-        """Streams of `node` open now."""
-        return sum(1 for s in self._open.values() if s.node == node)
+        """Request-log streams of `node` open now."""
+        return sum(1 for s in self._open.values() if s.node == node and not s.attempts)
 
     async def StreamAccessLogs(  # noqa: N802 (gRPC method name)
         self, request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
@@ -296,7 +388,8 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         try:
             async for message in request_iterator:
                 if not stream.node and message.HasField("identifier"):
-                    self._named(stream, message.identifier.node.id)
+                    identifier = message.identifier
+                    self._named(stream, identifier.node.id, identifier.log_name)
                 if message.HasField("http_logs"):
                     self.receive(message.http_logs.log_entry, stream)
         except (asyncio.CancelledError, grpc.aio.AioRpcError):
@@ -305,8 +398,12 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             del self._open[stream.seq]
         return als_pb2.StreamAccessLogsResponse()
 
-    def _named(self, stream: Stream, node: str) -> None:
+    def _named(self, stream: Stream, node: str, log_name: str = "") -> None:
         stream.node = node[:MAX_MODEL_CHARS] or "(unnamed)"
+        stream.log_name = log_name[:MAX_MODEL_CHARS]
+        if stream.attempts:
+            self.attempt_streams += 1
+            return
         label = stream.node if stream.node in self.streams or len(self.streams) < MAX_NODES else OTHER_NODE
         self.streams[label] = self.streams.get(label, 0) + 1
 
@@ -316,6 +413,9 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
         self.messages += 1
         self.entries += len(entries)
         stream.entries += len(entries)
+        if stream.attempts:
+            self._attempts(entries)
+            return
         if entries:
             self._lag(entries[-1].common_properties)
         batch: list[Observation] = []
@@ -332,6 +432,22 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[m
             self.errors += len(batch)
             log.exception("cannot use a batch of %d access log entries", len(batch))
 
+    def _attempts(self, entries: Sequence[accesslog_pb2.HTTPAccessLogEntry]) -> None:
+        self.attempt_entries += len(entries)
+        if self.attempts is None:
+            return
+        batch: list[Attempt] = []
+        for entry in entries:
+            try:
+                batch.append(parse_attempt(entry))
+            except Exception:  # one bad entry must not end the stream
+                self.errors += 1
+                log.exception("cannot read an attempts log entry")
+        try:
+            self.errors += self.attempts(batch)
+        except Exception:  # the stream must outlive a bug in the sink
+            self.errors += len(batch)
+            log.exception("cannot use a batch of %d attempts log entries", len(batch))
 
     def _lag(self, common: accesslog_pb2.AccessLogCommon) -> None:
         """Once per batch: how far behind the requests this process learns of them (Envoy's buffering,

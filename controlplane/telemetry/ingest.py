@@ -10,6 +10,17 @@ and marked them suspicious): also an answer cut short by a timeout or a
 reset, which counts as a failure for the scores while the backend did the
 work. The engine's spend and the book's are added from the same cost, so
 they always agree.
+
+Every attempt counts (accesslog.py: the two logs). A failed attempt, retried
+elsewhere or not, comes in its own entry from the attempts log and is an
+error for the backend that failed it (observe_attempts). The request's entry
+then counts in the scores only as a success, with its final attempt's time
+(not the earlier attempts' and back-off), or as a failure no attempt entry
+records (Envoy's timeout on the whole request): so each failure is counted
+once. Cost, spend, feedback, clients, histograms, the recent window and the
+spool follow the request's entry alone; an attempt entry is never charged.
+A 429 with Retry-After cools the backend from its attempt entry, so one that
+Envoy retried elsewhere is seen too.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from typing import Any
 from ..config import Config
 from ..scoring.engine import Engine
 from ..scoring.ledger import SpendBook
-from .accesslog import Observation
+from .accesslog import Attempt, Observation
 from .health import Verdict
 from .histograms import GenAiHistograms
 from .recent import Recent
@@ -43,6 +54,7 @@ class Telemetry:
         self.clients: Callable[[Observation, float], None] | None = None
         # A backend's 429 with Retry-After (pool, backend, header as sent): cooled (controllers/quotas.py).
         self.rate_limited: Callable[[str, str, str], object] | None = None
+        self.attempt_failures = 0  # failed attempts counted against their backend (attempts log)
         self.recent = Recent()  # per backend, lately: status classes, error rate, percentiles, share
         self.histograms = GenAiHistograms()  # the OTel GenAI histograms
         self._synced: Config | None = None
@@ -81,8 +93,13 @@ class Telemetry:
             try:
                 ok = obs.ok
                 charged = ok or obs.charged  # a failure may still have cost: an answer cut short
-                cost = engine.observe_request(pool, backend, ok, obs.latency_ms, obs.prompt_tokens,
-                                              obs.completion_tokens, charged)
+                if ok:  # the final attempt's own time: earlier attempts were counted in their entries
+                    cost = engine.observe_request(pool, backend, True, obs.latency_ms - obs.retried_ms,
+                                                  obs.prompt_tokens, obs.completion_tokens)
+                else:  # its failure is its final attempt's entry's, unless no attempt entry records it
+                    if obs.unattempted:
+                        engine.observe_attempt_failure(pool, backend, obs.latency_ms)
+                    cost = engine.charge(pool, backend, obs.prompt_tokens, obs.completion_tokens) if charged else 0.0
                 if charged:
                     spend.add(charged_at, pool, backend, obs.model, obs.prompt_tokens, obs.completion_tokens, cost,
                               obs.client)
@@ -93,8 +110,6 @@ class Telemetry:
                            None if ttfb is None else ttfb / 1000, obs.prompt_tokens, obs.completion_tokens)
                 if obs.usage_suspicious:
                     self._suspicious(obs)
-                if obs.status == 429 and obs.retry_after and self.rate_limited is not None:
-                    self.rate_limited(pool, backend, obs.retry_after)
                 if obs.quality_header is not None:
                     engine.observe_feedback(pool, backend, obs.quality_header)
                 if obs.request_id:
@@ -104,6 +119,26 @@ class Telemetry:
             except Exception:  # one entry that cannot be used must not cost the rest of its batch
                 failed += 1
                 log.exception("cannot use the access log entry of request %r", obs.request_id[:64])
+        return failed
+
+    def observe_attempts(self, batch: Iterable[Attempt]) -> int:
+        """Failed attempts (the attempts log): each an error for its backend; a 429 with Retry-After cools
+        it. Returns how many could not be used (each is logged)."""
+        pools = self.config().pools
+        engine, rate_limited = self.engine, self.rate_limited
+        failed = 0
+        for attempt in batch:
+            pool, backend = attempt.pool, attempt.backend
+            if not backend or pool not in pools or not attempt.failed:
+                continue  # no backend was picked, or not a failure (the filter is Envoy's; the rule is here)
+            try:
+                if engine.observe_attempt_failure(pool, backend, attempt.latency_ms):
+                    self.attempt_failures += 1
+                if attempt.status == 429 and attempt.retry_after and rate_limited is not None:
+                    rate_limited(pool, backend, attempt.retry_after)
+            except Exception:
+                failed += 1
+                log.exception("cannot use the attempts log entry of request %r", attempt.request_id[:64])
         return failed
 
     def _suspicious(self, obs: Observation) -> None:

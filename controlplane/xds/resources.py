@@ -61,7 +61,16 @@ from ..bootstrap import AUTH_HEADER, XDS_CLUSTER
 from ..config import CircuitBreaker, Client, Config, HealthCheck, OutlierDetection, Pool
 from ..state import Addresses, Drained, Weights
 from ..telemetry import spool
-from ..telemetry.accesslog import CLIENT_HEADER, MAX_MODEL_CHARS, MODEL_HEADER, MODEL_TAG, USAGE_NS
+from ..telemetry.accesslog import (
+    ATTEMPT_FAILURE_CODES,
+    ATTEMPTS_LOG,
+    CLIENT_HEADER,
+    MAX_MODEL_CHARS,
+    MODEL_HEADER,
+    MODEL_TAG,
+    REQUEST_LOG,
+    USAGE_NS,
+)
 from . import typeurls
 
 LISTENER_NAME = "ingress"
@@ -330,6 +339,17 @@ def control_plane_service(xds_token: str) -> grpc_service_pb2.GrpcService:
     return service
 
 
+def _grpc_log_config(log_name: str, xds_token: str,
+                     tags: list[custom_tag_pb2.CustomTag]) -> als_pb2.CommonGrpcAccessLogConfig:
+    return als_pb2.CommonGrpcAccessLogConfig(
+        log_name=log_name,
+        grpc_service=control_plane_service(xds_token),
+        transport_api_version=config_source_pb2.ApiVersion.V3,
+        buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
+        custom_tags=tags,
+    )
+
+
 def _access_log(xds_token: str) -> accesslog_pb2.AccessLog:
     """Every request, batched, to the control plane over the ADS cluster (gRPC ALS)."""
     backend_tag = _host_tag("backend", "backend")
@@ -337,17 +357,40 @@ def _access_log(xds_token: str) -> accesslog_pb2.AccessLog:
         name="envoy.access_loggers.http_grpc",
         typed_config=_any(
             als_pb2.HttpGrpcAccessLogConfig(
-                common_config=als_pb2.CommonGrpcAccessLogConfig(
-                    log_name="llm_lb",
-                    grpc_service=control_plane_service(xds_token),
-                    transport_api_version=config_source_pb2.ApiVersion.V3,
-                    buffer_flush_interval=duration_pb2.Duration(nanos=200_000_000),
-                    custom_tags=[backend_tag, _host_tag(MODEL_TAG, _MODEL_KEY)],
-                ),
+                common_config=_grpc_log_config(REQUEST_LOG, xds_token,
+                                               [backend_tag, _host_tag(MODEL_TAG, _MODEL_KEY)]),
                 additional_request_headers_to_log=[MODEL_HEADER, CLIENT_HEADER],
                 additional_response_headers_to_log=["x-quality-score", "retry-after"],
             )
         ),
+    )
+
+
+def attempts_log(xds_token: str) -> accesslog_pb2.AccessLog:
+    """Every FAILED upstream attempt, retried ones included, to the control plane (the router's
+    `upstream_log`, its own gRPC stream named ATTEMPTS_LOG): so a backend that failed an attempt another
+    one then answered counts the error. The filter leaves successes out (they would double the entries
+    the control plane reads for nothing: the request's entry has them): status >= 500 or 429, or a
+    failure flag (telemetry/accesslog.py: ATTEMPT_FAILURE_CODES). An attempt cut off by the client, or
+    by the route's timeout, carries neither (seen): the request's entry tells those apart."""
+    def status(op: int, code: int, key: str) -> accesslog_pb2.AccessLogFilter:
+        return accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=op, value=base_pb2.RuntimeUInt32(default_value=code, runtime_key=f"llm_lb.attempts.{key}"))))
+
+    failed = accesslog_pb2.AccessLogFilter(or_filter=accesslog_pb2.OrFilter(filters=[
+        status(accesslog_pb2.ComparisonFilter.GE, 500, "min_status"),
+        status(accesslog_pb2.ComparisonFilter.EQ, 429, "rate_limited"),
+        accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(
+            flags=list(ATTEMPT_FAILURE_CODES))),
+    ]))
+    return accesslog_pb2.AccessLog(
+        name="envoy.access_loggers.http_grpc",
+        filter=failed,
+        typed_config=_any(als_pb2.HttpGrpcAccessLogConfig(
+            common_config=_grpc_log_config(ATTEMPTS_LOG, xds_token, [_host_tag("backend", "backend")]),
+            additional_response_headers_to_log=["retry-after"],
+        )),
     )
 
 
@@ -412,7 +455,8 @@ def listener(config: Config, xds_token: str = "", spool_path: str | None = None)
             _request_fields_filter(),
             _json_usage_filter(),
             _usage_filter(),
-            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
+            hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(
+                router_pb2.Router(upstream_log=[attempts_log(xds_token)]))),
         ],
         local_reply_config=_local_replies(addr.per_connection_buffer_limit_kb),
         access_log=[_access_log(xds_token), *([spool_log(spool_path)] if spool_path else [])],
