@@ -83,12 +83,26 @@ def test_percentiles_are_nearest_rank() -> None:
     assert one.p50_seconds == one.p95_seconds == one.p99_seconds == 4.5
 
 
-def test_samples_are_bounded_by_count() -> None:
+def test_latency_samples_are_bounded_by_count_while_counts_stay_exact() -> None:
     recent = Recent()
     for i in range(MAX_SAMPLES + 100):
-        recent.observe(NOW, "p", "a", 200, True, float(i))
-    assert recent.window("p", "a", 60, NOW).requests == MAX_SAMPLES
-    assert recent.by_class()[("p", "a")]["2xx"] == MAX_SAMPLES + 100, "the counts by class are all time"
+        recent.observe(NOW, "p", "a", 200 if i % 4 else 503, i % 4 != 0, float(i))
+    window = recent.window("p", "a", 60, NOW)
+    assert window.requests == MAX_SAMPLES + 100, "requests and errors are counted per second, not sampled"
+    assert window.errors == (MAX_SAMPLES + 100 + 3) // 4
+    # percentiles of the last MAX_SAMPLES latencies only (100 .. MAX_SAMPLES + 99), nearest rank
+    assert window.p95_seconds == 100 + math.ceil(0.95 * MAX_SAMPLES) - 1
+    assert recent.by_class()[("p", "a")]["2xx"] == MAX_SAMPLES + 100 - window.errors, "the counts by class are all time"
+
+
+def test_counts_per_second_forget_what_is_older_than_the_window() -> None:
+    recent = Recent()
+    for second in range(0, 400):  # one request a second for 400 s: the ring holds MAX_AGE of them
+        recent.observe(NOW - 400 + second + 0.5, "p", "a", 200, True, 0.1)
+    assert recent.window("p", "a", 60, NOW).requests == 60
+    # capped at the ring's age: the last MAX_AGE seconds, the current one (empty here) included
+    assert recent.window("p", "a", 10_000, NOW).requests == MAX_AGE - 1
+    assert recent.shares("p", ["a", "b"], 60, NOW) == {"a": 1.0, "b": 0.0}
 
 
 def test_shares_over_the_window() -> None:
