@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 MAX_AGE = 300.0  # seconds of history kept: the longest window anyone may ask about
 SECONDS = int(MAX_AGE)  # per-second request and error counts, per backend: exact counts for any window
-MAX_SAMPLES = 1024  # latencies kept per backend for percentiles: the window's, or its last 1024 if more
+MAX_SAMPLES = 512  # latencies kept per backend for percentiles: the window's, or its last 512 if more
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "none")  # "none": no HTTP status (reset, timeout before headers)
 
 
@@ -28,7 +28,7 @@ def status_class(status: int) -> str:
 
 
 class _Backend:
-    """Fixed-size rings (arrays, not objects per request): about 25 KB per backend, whatever the traffic."""
+    """Fixed-size rings (arrays, not objects per request): about 15 KB per backend, whatever the traffic."""
 
     __slots__ = ("times", "latencies", "next", "filled", "second", "requests", "errors", "by_class")
 
@@ -38,8 +38,8 @@ class _Backend:
         self.next = 0  # where the next sample goes
         self.filled = 0  # samples held (up to MAX_SAMPLES)
         self.second = array("q", [-1]) * SECONDS  # which second each slot counts (slot = second % SECONDS)
-        self.requests = array("q", bytes(8 * SECONDS))
-        self.errors = array("q", bytes(8 * SECONDS))
+        self.requests = array("i", bytes(4 * SECONDS))
+        self.errors = array("i", bytes(4 * SECONDS))
         self.by_class = dict.fromkeys(STATUS_CLASSES, 0)
 
     def observe(self, at: float, ok: bool, latency_s: float) -> None:
