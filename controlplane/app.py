@@ -82,7 +82,8 @@ class App:
         # Client request limits are per Envoy process: divided by how many are connected (at least one).
         self.ads.on_streams = lambda count: self.reconciler.propose(envoys=max(1, count))
         self.envoy_hosts = EnvoyHosts(self._envoy_admin_source, lambda: self.reconciler.state)
-        self.reconciler.history.reason = lambda pool, backend: self.engine.explain(pool)["backends"][backend]["reason"]
+        self.reconciler.history.reasons = lambda pool: {
+            name: b["reason"] for name, b in self.engine.explain(pool)["backends"].items()}
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)
         self.budgets = BudgetController(self.spend, self.alerter, self.reconciler, clock=self.clock)
         self.clients = ClientController(self.spend, self.alerter, self.reconciler, self.clock)

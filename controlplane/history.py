@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .state import DesiredState
 
 MAX_CHANGES = 200  # across pools; older ones are dropped
 
-Reason = Callable[[str, str], str]  # (pool, backend) -> the strategy's reason for its weight
+Reasons = Callable[[str], Mapping[str, str]]  # pool -> each backend's reason for its weight (the strategy's)
 
 
 def _cause(before: DesiredState, after: DesiredState) -> str:
@@ -26,8 +26,8 @@ def _cause(before: DesiredState, after: DesiredState) -> str:
 
 
 class WeightHistory:
-    def __init__(self, reason: Reason | None = None, maxlen: int = MAX_CHANGES) -> None:
-        self.reason = reason
+    def __init__(self, reasons: Reasons | None = None, maxlen: int = MAX_CHANGES) -> None:
+        self.reasons = reasons
         self._changes: deque[dict[str, Any]] = deque(maxlen=maxlen)
 
     def record(self, before: DesiredState | None, after: DesiredState, at: float | None = None) -> None:
@@ -40,23 +40,24 @@ class WeightHistory:
             if before is not None and old == new and old_drained == new_drained:
                 continue
             backends = {}
+            reasons = self._reasons(pool)  # once per pool: the strategy's explanation covers all its backends
             for name in sorted(set(old) | set(new) | old_drained | new_drained):
                 if before is not None and old.get(name) == new.get(name) and \
                         (name in old_drained) == (name in new_drained):
                     continue
                 backends[name] = {"before": old.get(name), "after": new.get(name), "draining": name in new_drained,
-                                  "reason": self._reason(pool, name)}
+                                  "reason": reasons.get(name, "")}
             self._changes.append({"at": at, "pool": pool,
                                   "cause": "start" if before is None else _cause(before, after),
                                   "backends": backends})
 
-    def _reason(self, pool: str, backend: str) -> str:
-        if self.reason is None:
-            return ""
+    def _reasons(self, pool: str) -> Mapping[str, str]:
+        if self.reasons is None:
+            return {}
         try:
-            return self.reason(pool, backend)
-        except KeyError:  # a backend the scores no longer (or do not yet) know
-            return ""
+            return self.reasons(pool)
+        except KeyError:  # a pool the scores no longer (or do not yet) know
+            return {}
 
     def recent(self, pool: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         """Newest first."""

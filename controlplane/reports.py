@@ -9,7 +9,6 @@ from .controllers.clients import NO_CLIENT, REASONS, ClientCounts
 from .scoring.budget import merge_blocks, period_start
 from .scoring.ledger import Spend
 from .telemetry.envoy_hosts import HEALTHY, UNKNOWN
-from .telemetry.recent import STATUS_CLASSES
 from .views import Views
 from .xds import typeurls
 
@@ -203,7 +202,6 @@ def pool(views: Views, name: str, now: float | None = None) -> dict[str, Any]:
         explained = {}
     recent = views.recent
     shares = recent.shares(name, cfg.backends, WINDOW_SECONDS, now)
-    by_class = recent.by_class()
     hour, day = views.spend.since(period_start(now, "hour")), views.spend.since(period_start(now, "day"))
     total = views.spend.total()
     hosts = views.envoy_hosts
@@ -228,7 +226,7 @@ def pool(views: Views, name: str, now: float | None = None) -> dict[str, Any]:
                                      if stats and stats.latency_ewma_ms is not None else None),
             "error_rate": None if window.error_rate is None else round(window.error_rate, 4),
             "requests": window.requests,
-            "requests_by_class": by_class.get(key, dict.fromkeys(STATUS_CLASSES, 0)),
+            "requests_by_class": recent.classes(name, bname),
             "spend": {"hour": round(hour.get(key, Spend()).cost, 6), "day": round(day.get(key, Spend()).cost, 6),
                       "total": round(total.get(key, Spend()).cost, 6)},
             "reason": explained.get(bname, {}).get("reason", ""),

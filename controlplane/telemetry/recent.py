@@ -117,6 +117,11 @@ class Recent:
         """All time (since start), per (pool, backend): requests per status class."""
         return {key: dict(entry.by_class) for key, entry in self._backends.items()}
 
+    def classes(self, pool: str, backend: str) -> dict[str, int]:
+        """All time, one backend: requests per status class (zeros when it has had none)."""
+        entry = self._backends.get((pool, backend))
+        return dict(entry.by_class) if entry is not None else dict.fromkeys(STATUS_CLASSES, 0)
+
     def window(self, pool: str, backend: str, seconds: float, now: float) -> Window:
         entry = self._backends.get((pool, backend))
         if entry is None:
