@@ -6,6 +6,7 @@ Every process is started with its own free ports and stopped by its PID.
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import os
 import secrets
@@ -367,3 +368,37 @@ class Load:
                 conn.close()
                 conn = http.client.HTTPConnection(self.listener, timeout=self.timeout)
         conn.close()
+
+
+class WebhookReceiver:
+    """A local webhook: records every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
+        lock = self.lock = threading.Lock()
+        posts, raw = self.posts, self.raw
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                with lock:
+                    raw.append(body)
+                    posts.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def events(self, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> list[dict[str, Any]]:
+        with self.lock:
+            return [p for p in self.posts if where(p)]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

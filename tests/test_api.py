@@ -6,15 +6,13 @@ import asyncio
 import json
 from pathlib import Path
 
-import aiohttp
 import pytest
 import yaml
 
 from controlplane.api import MAX_BODY_BYTES, ROUTES
-from controlplane.app import App
-from controlplane.config import ConfigError, load_config, parse_config
+from controlplane.config import ConfigError, parse_config
 
-from .harness import free_port
+from . import test_app as app_test
 
 TOKEN = "api-token-0123456789abcdef"
 OTHER = "other-token-0123456789abcdef"
@@ -34,20 +32,7 @@ def write(path: Path, ports: dict[str, int], token: str | None) -> None:
 
 
 def run_app(tmp_path: Path, scenario, token: str | None = "${TEST_API_TOKEN}") -> None:
-    ports = {k: free_port() for k in ("xds", "api", "listener", "admin")}
-    path = tmp_path / "config.yaml"
-    write(path, ports, token)
-
-    async def main() -> None:
-        app = App(path, load_config(path), state_dir=tmp_path / "state", run_envoy=False, watch_interval=0.05)
-        await app.start()
-        try:
-            async with aiohttp.ClientSession(f"http://127.0.0.1:{ports['api']}") as http:
-                await scenario(app, http, path, ports)
-        finally:
-            await app.stop()
-
-    asyncio.run(main())
+    app_test.run_app(tmp_path, scenario, lambda path, ports: write(path, ports, token))
 
 
 @pytest.fixture(autouse=True)

@@ -29,10 +29,15 @@ POOLS = {"chat": {"backends": {"a": {"url": "http://127.0.0.1:9001", "weight": 3
                                "b": {"url": "http://127.0.0.1:9002"}}}}
 
 
-def run_app(tmp_path: Path, scenario) -> None:
+def run_app(tmp_path: Path, scenario, write_config=None) -> None:
+    """The App in-process on free ports, its API reached by `scenario(app, http, path, ports)`;
+    `write_config(path, ports)` writes the first config (default: POOLS)."""
     ports = {k: free_port() for k in ("xds", "api", "listener", "admin")}
     path = tmp_path / "config.yaml"
-    write(path, POOLS, ports)
+    if write_config is None:
+        write(path, POOLS, ports)
+    else:
+        write_config(path, ports)
 
     async def main() -> None:
         app = App(path, load_config(path), state_dir=tmp_path / "state", run_envoy=False, watch_interval=0.05)

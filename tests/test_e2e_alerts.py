@@ -4,56 +4,20 @@ resolve the same way. Real Envoy, control plane and mock backends on loopback; b
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import yaml
 
-from .harness import ControlPlane, Load, MockBackend, free_port, http_json, wait_for
+from .harness import ControlPlane, Load, MockBackend, http_json, wait_for
+from .harness import WebhookReceiver as Receiver
 
 pytestmark = pytest.mark.e2e
 
 SECRET = "sk-alert-test-0123456789abcdef"
 EVENT_FIELDS = {"event", "kind", "key", "severity", "message", "pool", "backend", "at", "since", "details"}
-
-
-class Receiver:
-    """A local webhook: records every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict[str, Any]] = []
-        self.raw: list[bytes] = []
-        lock = self.lock = threading.Lock()
-        posts, raw = self.posts, self.raw
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with lock:
-                    raw.append(body)
-                    posts.append(json.loads(body))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def events(self, where: Callable[[dict[str, Any]], bool] = lambda _: True) -> list[dict[str, Any]]:
-        with self.lock:
-            return [p for p in self.posts if where(p)]
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def start(tmp_path: Any, pools: dict[str, Any], receiver: Receiver, env: dict[str, str] | None = None

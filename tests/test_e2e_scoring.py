@@ -5,13 +5,13 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
-import threading
 import time
 from collections import Counter
 
 import pytest
 
-from .harness import ControlPlane, MockBackend, chat_body, free_port, http_json, spread, wait_for
+from .harness import ControlPlane, MockBackend, chat_body, http_json, spread, wait_for
+from .harness import WebhookReceiver as Receiver
 
 pytestmark = pytest.mark.e2e
 
@@ -106,31 +106,6 @@ def test_low_feedback_lowers_a_backends_weight(tmp_path, mocks):
         assert http_json("POST", f"{cp.api}/v1/feedback", {"score": 0.5})[0] == 400
     finally:
         cp.stop()
-
-
-class Receiver:
-    """A local webhook receiver: records every JSON POST."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict] = []
-        received = self.posts
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.mark.parametrize("action", ["reject", "shift_to_cheapest"])

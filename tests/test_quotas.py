@@ -21,6 +21,7 @@ from controlplane.telemetry.accesslog import parse, parse_attempt
 from controlplane.xds import typeurls
 from controlplane.xds.server import SnapshotCache
 
+from .loop_fakes import Budgets, Requests
 from .test_accesslog import entry
 from .test_telemetry_bounds import telemetry
 
@@ -413,17 +414,6 @@ def test_explain_shows_cooling_and_the_scoring_loop_rescores_at_once() -> None:
     config = make_config(THREE)
     engine = engine_for(config)
     reconciler = Reconciler(SnapshotCache(), DesiredState(config=config, addresses=ADDRESSES))
-
-    class Budgets:
-        class verdict:  # noqa: N801 - stands in for BudgetVerdict
-            shifted: frozenset[str] = frozenset()
-
-        def check(self, send: bool = True) -> None:
-            pass
-
-    class Requests:
-        def expire(self) -> None:
-            pass
 
     loop = ScoringLoop(engine, Budgets(), Requests(), reconciler, clock=lambda: 0.0)  # type: ignore[arg-type]
     loop.start()  # the pool's rate is measured from here

@@ -19,6 +19,8 @@ from controlplane.state import Cooldown, DesiredState
 from controlplane.telemetry.envoy_hosts import ABSENT, DRAINING, EJECTED, FAILING, HEALTHY, UNKNOWN
 from controlplane.xds.server import SnapshotCache
 
+from .loop_fakes import Budgets, Requests
+
 THREE = """
   cheap: {url: "http://127.0.0.1:9001", quality: 0.8, cost: {input_per_1k: 0.1, output_per_1k: 0.1}}
   medium: {url: "http://127.0.0.1:9002", quality: 0.8, cost: {input_per_1k: 0.3, output_per_1k: 0.3}}
@@ -251,17 +253,6 @@ def test_scoring_loop_hands_envoys_view_to_the_engine() -> None:
     engine = engine_for(config)
     reconciler = Reconciler(SnapshotCache(), DesiredState(config=config))
     states = {("chat", "cheap"): EJECTED}
-
-    class Budgets:
-        class verdict:  # noqa: N801 - stands in for BudgetVerdict
-            shifted: frozenset[str] = frozenset()
-
-        def check(self, send: bool = True) -> None:
-            pass
-
-    class Requests:
-        def expire(self) -> None:
-            pass
 
     loop = ScoringLoop(engine, Budgets(), Requests(), reconciler, clock=lambda: 0.0,  # type: ignore[arg-type]
                        envoy_states=lambda: states)
