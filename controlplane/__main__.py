@@ -1,4 +1,4 @@
-"""Command line: validate, run, bootstrap, drain, undrain, status, simulate."""
+"""Command line: validate, run, bootstrap, drain, undrain, rollout, status, simulate."""
 
 from __future__ import annotations
 
@@ -163,6 +163,28 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    base = f"{_api_base(args)}/v1/rollouts/{args.pool}"
+    if args.action == "status":
+        code, body = _call_api("GET", base)
+    else:
+        token = os.environ.get(args.token_env) or None
+        code, body = _call_api("POST", f"{base}/{args.action}", {"full": True} if args.full else {}, token)
+    if code == 401:
+        print(f"rollout {args.action} refused: the API needs its token; set {args.token_env}", file=sys.stderr)
+        return 1
+    if code != 200:
+        print(f"rollout {args.action} failed ({code}): {body.get('error', {}).get('message', body)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    from .table import rollout_text
+
+    print(rollout_text(body))
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     base = _api_base(args)
     code, body = _call_api("GET", f"{base}/v1/status")
@@ -233,6 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--token-env", default="LLM_LB_API_TOKEN", metavar="VAR",
                        help="environment variable holding the API token (default: LLM_LB_API_TOKEN)")
         p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser("rollout", help="a pool's rollout: status, pause, resume, promote [--full], abort, retry")
+    p.add_argument("action", choices=["status", "pause", "resume", "promote", "abort", "retry"])
+    p.add_argument("pool")
+    p.add_argument("--full", action="store_true", help="promote: the candidate at once, skipping the other steps")
+    p.add_argument("--json", action="store_true", help="the whole report as JSON")
+    _add_api_args(p)
+    p.add_argument("--token-env", default="LLM_LB_API_TOKEN", metavar="VAR",
+                   help="environment variable holding the API token (default: LLM_LB_API_TOKEN)")
+    p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("simulate", help="compare strategies on simulated backends (the live scoring code)")
     p.add_argument("--workload", required=True, metavar="FILE")

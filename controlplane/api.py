@@ -54,6 +54,7 @@ class Route:
 
 _ERR = {400: "Bad request body", 401: "Missing or wrong API token", 404: "No such pool or backend",
         413: "Body too large"}
+_EMPTY: dict[str, Any] = {"type": "object", "additionalProperties": False}
 _POOL = {"name": "pool", "in": "path", "required": True, "schema": {"type": "string"}}
 _BACKEND = {"name": "backend", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -81,6 +82,20 @@ ROUTES = (
           mutates=True, body={"type": "object", "additionalProperties": False},
           responses={200: "In rotation", 400: _ERR[400], 401: _ERR[401], 404: _ERR[404], 413: _ERR[413]},
           tag="operations"),
+    Route("GET", "/v1/rollouts", "Every pool's rollout: stage, phase, step, gates, per-arm statistics"),
+    Route("GET", "/v1/rollouts/{pool}", "One pool's rollout (an A/B test's readout, a shadow's report)",
+          responses={200: "OK", 404: "No such pool, or it has no rollout"}),
+    *(Route("POST", f"/v1/rollouts/{{pool}}/{action}", summary, mutates=True, body=body,
+            responses={200: "Done: the rollout's report", 400: _ERR[400], 401: _ERR[401],
+                       404: "No such pool, or it has no rollout", 409: "Not possible in the rollout's phase",
+                       413: _ERR[413]}, tag="rollouts")
+      for action, summary, body in (
+          ("pause", "Hold the rollout where it is (the candidate keeps its share)", _EMPTY),
+          ("resume", "Run a paused rollout again; the current step starts over", _EMPTY),
+          ("promote", "The next step now, or with full: true, promote the candidate at once",
+           {"type": "object", "properties": {"full": {"type": "boolean"}}, "additionalProperties": False}),
+          ("abort", "Take the candidate out of traffic now (requests in flight finish)", _EMPTY),
+          ("retry", "Start a failed, aborted or paused rollout again from its first step", _EMPTY))),
     Route("POST", "/v1/feedback", "Rate an answer by the x-request-id Envoy returned (once per request)",
           mutates=True,
           body={"type": "object", "required": ["request_id", "score"], "additionalProperties": False,
@@ -269,6 +284,43 @@ def make_app(views: Views, actions: Actions) -> web.Application:
             return _error(409, f"request {request_id!r} was already rated; each request can be rated once")
         return web.json_response(result, status=200 if result["status"] == "applied" else 202)
 
+    async def rollouts(request: web.Request) -> web.Response:
+        return web.json_response(views.rollouts.status() if views.rollouts is not None else {})
+
+    async def one_rollout(request: web.Request) -> web.Response:
+        name = request.match_info["pool"]
+        if views.rollouts is None or name not in views.rollouts.runs:
+            return _error(404, f"pool {name!r} has no rollout" if name in views.state().config.pools
+                          else f"no pool {name!r}")
+        return web.json_response(views.rollouts.report(name))
+
+    def rollout_action(action: str) -> Handler:
+        async def handle(request: web.Request) -> web.Response:
+            name = request.match_info["pool"]
+            full = False
+            if request.can_read_body:
+                try:
+                    body = await _json(request, '{"full": true}' if action == "promote" else "{}")
+                except _BodyError as bad:
+                    return bad.response
+                allowed = {"full"} if action == "promote" else set()
+                if not isinstance(body, dict) or not isinstance(body.get("full", False), bool):
+                    return _error(400, "body must be an object whose 'full' is true or false" if action == "promote"
+                                  else "body must be empty or {}")
+                unknown = sorted(set(body) - allowed)
+                if unknown:
+                    return _error(400, f"unknown field(s): {', '.join(unknown)}")
+                full = body.get("full", False)
+            if actions.rollout is None:
+                return _error(404, "rollouts are not available here")
+            try:
+                return web.json_response(actions.rollout(name, action, full))
+            except LookupError as exc:
+                return _error(404, str(exc))
+            except ValueError as exc:
+                return _error(409, str(exc))
+        return handle
+
     handlers: dict[tuple[str, str], Handler] = {
         ("GET", "/"): index, ("GET", "/healthz"): healthz, ("GET", "/readyz"): readyz,
         ("GET", "/metrics"): scrape, ("GET", "/openapi.json"): spec, ("GET", "/v1/status"): status,
@@ -277,6 +329,9 @@ def make_app(views: Views, actions: Actions) -> web.Application:
         ("POST", "/v1/pools/{pool}/backends/{backend}/drain"): drain,
         ("POST", "/v1/pools/{pool}/backends/{backend}/undrain"): undrain,
         ("POST", "/v1/feedback"): feedback,
+        ("GET", "/v1/rollouts"): rollouts, ("GET", "/v1/rollouts/{pool}"): one_rollout,
+        **{("POST", f"/v1/rollouts/{{pool}}/{a}"): rollout_action(a)
+           for a in ("pause", "resume", "promote", "abort", "retry")},
     }
     web_app = web.Application(client_max_size=MAX_BODY_BYTES)
     for route in ROUTES:

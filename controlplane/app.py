@@ -31,6 +31,7 @@ from .controllers.scoring import ScoringLoop
 from .controllers.spend import SpendFlusher
 from .envoyproc import EnvoyProcess
 from .reconciler import Reconciler
+from .rollouts.controller import Rollouts
 from .scoring.engine import Engine
 from .scoring.ledger import SpendBook, SqliteLedger
 from .state import DesiredState
@@ -85,6 +86,11 @@ class App:
         self.reconciler.history.reasons = lambda pool: {
             name: b["reason"] for name, b in self.engine.explain(pool)["backends"].items()}
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)
+        # Rollouts as persisted, following the config: their plans are in the very first snapshot.
+        self.rollouts = Rollouts(state_dir, self.engine, self.alerter)
+        self.reconciler.propose(rollouts=self.rollouts.sync(config))
+        self.rollouts.reconciler = self.reconciler
+        self.telemetry.rollouts = self.rollouts
         self.budgets = BudgetController(self.spend, self.alerter, self.reconciler, clock=self.clock)
         self.clients = ClientController(self.spend, self.alerter, self.reconciler, self.clock)
         self.telemetry.clients = self.clients.observe  # per client: counts, tokens per minute, rejections
@@ -94,6 +100,7 @@ class App:
         self.telemetry.rate_limited = self.cooling.observe
         self.reloader = ConfigReloader(config_path, self.reconciler, self.engine, lambda: self.budgets.verdict.shifted,
                                        watch_interval)
+        self.reloader.rollouts = self.rollouts
         self.drains = Drains(state_dir / "state.json", self.reconciler)
         self.alerting = AlertLoop(self.alerter, self.config, lambda: self.envoy_hosts.states, self.telemetry.recent,
                                   self.ads, lambda: self.reloader.status, lambda: self.budgets.verdict,
@@ -136,6 +143,7 @@ class App:
             budgets=lambda: self.budgets.verdict, access_log=self.access_log, envoy=lambda: self.envoy,
             recent=self.telemetry.recent, histograms=self.telemetry.histograms, envoy_hosts=self.envoy_hosts,
             history=self.reconciler.history, alerts=self.alerter, clients=self.clients, now=self.clock,
+            rollouts=self.rollouts,
         )
 
     async def start(self) -> None:
@@ -154,7 +162,8 @@ class App:
             credentials=auth.server_credentials(xds.tls) if xds.tls else None,
         )
         log.info("xDS (ADS) listening on %s", cfg.controlplane.xds)
-        actions = Actions(feedback=self.telemetry.feedback, set_draining=self.drains.set)
+        actions = Actions(feedback=self.telemetry.feedback, set_draining=self.drains.set,
+                          rollout=self.rollouts.command)
         self._api = await start_api(self.views(), actions, cfg.controlplane.api.address, cfg.controlplane.api.port)
         log.info("API listening on http://%s (/healthz /metrics /v1/status)", cfg.controlplane.api)
         if self._run_envoy:
@@ -175,6 +184,7 @@ class App:
             asyncio.create_task(self.alerting.run(), name="alerts"),
             asyncio.create_task(self.clients.run(), name="client-limits"),
             asyncio.create_task(self.cooling.run(), name="cooling"),
+            asyncio.create_task(self.rollouts.run(), name="rollouts"),
         ]
         if self.spool is not None:
             self._tasks.append(asyncio.create_task(self.spool.run(), name="spool-rotation"))
@@ -193,6 +203,7 @@ class App:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self.reconciler.stop()
+        self.rollouts.save()
         self.flusher.stop()
         if self._flusher is not None:
             await self._flusher  # finishes its write in flight, then flushes what came in since

@@ -40,6 +40,38 @@ class SystemCollector(Collector):
         yield from self._access_log()
         yield from self._ledger_and_envoy()
         yield from self._alerts()
+        yield from self._rollouts()
+
+    def _rollouts(self) -> Iterator[Metric]:
+        """Per pool with a rollout: its phase (one series at 1), step, the candidate's share, each gate's
+        verdict, the shadow's spend, and the transitions so far (phases and gates are fixed sets)."""
+        rollouts = self.views.rollouts
+        if rollouts is None:
+            return
+        phase = GaugeMetricFamily("llm_lb_rollout_phase", "1 for the rollout's phase and stage",
+                                  labels=["pool", "stage", "phase"])
+        step = GaugeMetricFamily("llm_lb_rollout_step", "The canary's step, from 1 (0 outside canary)", labels=["pool"])
+        share = GaugeMetricFamily("llm_lb_rollout_candidate_share",
+                                  "The candidate's planned share of its tier's traffic (shadow: mirrored share)",
+                                  labels=["pool"])
+        gates = GaugeMetricFamily("llm_lb_rollout_gate", "1 for each gate's latest verdict (pass, fail, wait)",
+                                  labels=["pool", "gate", "status"])
+        spend = GaugeMetricFamily("llm_lb_rollout_shadow_spend_usd", "What the shadow's answers cost so far (USD)",
+                                  labels=["pool"])
+        for name, report in rollouts.status().items():
+            phase.add_metric([name, report["stage"], report["phase"]], 1)
+            step.add_metric([name], report["step"] or 0)
+            share.add_metric([name], (report["mirror"] or report["share"] or 0.0))
+            for gate in report["gates"]:
+                gates.add_metric([name, gate["name"], gate["status"]], 1)
+            if "shadow" in report:
+                spend.add_metric([name], report["shadow"]["spend"])
+        yield from (phase, step, share, gates, spend)
+        transitions = CounterMetricFamily("llm_lb_rollout_transitions", "Rollout transitions, by the phase entered",
+                                          labels=["pool", "phase"])
+        for (pool, entered), count in sorted(rollouts.transitions.items()):
+            transitions.add_metric([pool, entered], count)
+        yield transitions
 
     def _config_and_xds(self) -> Iterator[Metric]:
         views = self.views

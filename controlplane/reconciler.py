@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from google.protobuf.message import Message
 
 from .history import WeightHistory
+from .rollouts.plan import shadow_pool
 from .state import DesiredState
 from .xds import resources, typeurls
 from .xds.snapshot import Snapshot
@@ -30,7 +31,7 @@ def _endpoints(state: DesiredState, previous: Built | None, built_from: DesiredS
     # A backend cooling after a 429 with Retry-After is published exactly as a drained one (DRAINING).
     out_of_rotation = state.out_of_rotation()
     if previous is None or built_from is None or state.config is not built_from.config:
-        return resources.endpoints(state.config, state.weights, state.addresses, out_of_rotation)
+        return resources.endpoints(state.config, state.weights, state.addresses, out_of_rotation, state.rollouts)
     out: dict[str, Message] = {}
     before = built_from.out_of_rotation()
     for name, pool in state.config.pools.items():
@@ -39,21 +40,25 @@ def _endpoints(state: DesiredState, previous: Built | None, built_from: DesiredS
             name in previous
             and state.weights.get(name) == built_from.weights.get(name)
             and drained == frozenset(b for p, b in before if p == name)
+            and state.rollouts.get(name) == built_from.rollouts.get(name)
             and all(state.addresses.get(b.host) == built_from.addresses.get(b.host) for b in pool.backends.values())
         )
-        out[name] = previous[name] if unchanged else resources.load_assignment(
-            name, pool, state.weights.get(name, {}), state.addresses, drained)
+        if unchanged:
+            out.update({key: previous[key] for key in previous if key == name or shadow_pool(key) == name})
+        else:
+            out.update(resources.pool_endpoints(name, pool, state.weights.get(name, {}), state.addresses, drained,
+                                                state.rollouts.get(name)))
     return out
 
 
 # Per xDS type: the parts of the state it is built from, and how.
 BUILDERS: Mapping[str, tuple[frozenset[str], Builder]] = {
     typeurls.CLUSTER: (frozenset({"config"}), lambda s, _p, _b: resources.clusters(s.config)),
-    typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained", "cooling"}), _endpoints),
+    typeurls.ENDPOINT: (frozenset({"config", "weights", "addresses", "drained", "cooling", "rollouts"}), _endpoints),
     typeurls.LISTENER: (frozenset({"config", "xds_token", "spool_path"}),
                         lambda s, _p, _b: resources.listeners(s.config, s.xds_token, s.spool_path)),
-    typeurls.ROUTE: (frozenset({"config", "rejected", "blocked", "envoys"}),
-                     lambda s, _p, _b: resources.routes(s.config, s.rejected, s.blocked, s.envoys)),
+    typeurls.ROUTE: (frozenset({"config", "rejected", "blocked", "envoys", "rollouts"}),
+                     lambda s, _p, _b: resources.routes(s.config, s.rejected, s.blocked, s.envoys, s.rollouts)),
 }
 
 

@@ -63,6 +63,7 @@ def status(views: Views) -> dict[str, Any]:
             for name, pool in config.pools.items()
         },
         "clients": clients_status(views),
+        "rollouts": views.rollouts.status() if views.rollouts is not None else {},
     }
 
 

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .config import Config
+from .rollouts.plan import Plans
 
 Weights = Mapping[str, Mapping[str, int]]  # pool -> backend -> weight
 Addresses = Mapping[str, str]  # backend host name -> IP address
@@ -54,10 +55,11 @@ class DesiredState:
     envoys: int = 1  # Envoys connected: each client's request limit is divided among them
     xds_token: str = field(default="", repr=False)  # what Envoy sends to authenticate its access-log streams
     spool_path: str | None = None  # where the managed Envoy also logs each request (telemetry/spool.py)
+    rollouts: Plans = field(default_factory=_empty)  # pool -> what its rollout asks of Envoy now (rollouts/)
 
     def replace(self, **changes: Any) -> DesiredState:
         """A new state with some parts changed; mappings are frozen so no holder can edit them later."""
-        for name in ("weights", "addresses", "rejected", "blocked", "cooling"):
+        for name in ("weights", "addresses", "rejected", "blocked", "cooling", "rollouts"):
             if name in changes:
                 changes[name] = _freeze(changes[name])
         return dataclasses.replace(self, **changes)

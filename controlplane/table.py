@@ -58,3 +58,40 @@ def status_table(status: dict[str, Any], pools: dict[str, Any]) -> str:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     lines.append("(SHARE: of the pool's requests in the last minute; P95, ERRORS: the last minute)")
     return "\n".join(lines)
+
+
+def rollout_text(report: dict[str, Any]) -> str:
+    """`controlplane rollout status POOL`: where the rollout is, each gate, and the arms side by side."""
+    where = f"stage {report.get('stage')}"
+    if report.get("step") is not None:
+        steps = report.get("steps") or []
+        where += f", step {report['step']} of {len(steps)} ({steps[report['step'] - 1]:g}%)" if steps else ""
+    lines = [f"{report.get('pool')}: {report.get('phase')} ({where}), candidate {report.get('candidate')} "
+             f"vs {', '.join(report.get('baseline') or [])}",
+             f"  {report.get('reason', '')}",
+             f"  step time {report.get('step_elapsed_seconds', 0):g}s of {report.get('step_duration_seconds', 0):g}s"]
+    for gate in report.get("gates") or []:
+        lines.append(f"  gate {gate['name']:<18} {gate['status']:<5} {gate['detail']}")
+    cand, base = report.get("candidate_arm") or {}, report.get("baseline_arm") or {}
+    for key in ("requests", "error_rate", "ttfb_p95_ms", "token_latency_p95_ms", "cost_per_request", "quality"):
+        lines.append(f"  {key:<22} candidate {_cell(cand.get(key)):>12}   baseline {_cell(base.get(key)):>12}")
+    shadow = report.get("shadow")
+    if shadow:
+        lines.append(f"  shadow spend {shadow['spend']:.4f} of {shadow['budget']:g} USD")
+    readout = report.get("readout")
+    if readout:
+        for metric in ("error_rate", "ttfb_ms", "cost_per_request", "quality"):
+            m = readout.get(metric) or {}
+            flag = "SIGNIFICANT" if m.get("significant") else "no clear difference"
+            lines.append(f"  A/B {metric:<18} difference {_cell(m.get('difference'))} "
+                         f"interval {m.get('difference_interval')}: {flag}")
+        srm = readout.get("srm") or {}
+        if srm.get("mismatch"):
+            lines.append(f"  SAMPLE RATIO MISMATCH: {srm.get('observed')} (p={srm.get('p_value')})")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

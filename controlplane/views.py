@@ -150,6 +150,22 @@ class ClientsView(Protocol):
     def budgets(self) -> ClientBudgetVerdict: ...
 
 
+class RolloutsView(Protocol):
+    """Each pool's rollout: stage, phase, step, gates, arms (rollouts/controller.py)."""
+
+    @property
+    def runs(self) -> Mapping[str, Any]: ...
+
+    @property
+    def transitions(self) -> Mapping[tuple[str, str], int]:
+        """(pool, phase entered) -> how many times."""
+        ...
+
+    def report(self, pool: str) -> dict[str, Any]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class Views:
     config: ConfigView
@@ -171,6 +187,7 @@ class Views:
     history: WeightHistory  # the last weight changes Envoy was sent
     alerts: AlertsView  # what fires now, and what was sent
     clients: ClientsView | None = None  # per client (controllers/clients.py)
+    rollouts: RolloutsView | None = None  # canary, A/B, shadow (rollouts/)
     now: Callable[[], float] = time.time  # the clock of budgets and spend windows (a test may shift it)
 
     def pushed_weights(self) -> Weights:
@@ -184,3 +201,5 @@ class Actions:
 
     feedback: Callable[[str, float], dict[str, Any]]
     set_draining: Callable[[str, str, bool, bool], None]
+    # (pool, action, full) -> the rollout's report; LookupError: no rollout; ValueError: not now
+    rollout: Callable[[str, str, bool], dict[str, Any]] | None = None

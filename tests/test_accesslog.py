@@ -321,8 +321,8 @@ def test_short_codes_from_the_file_log_cut_too() -> None:
 
 def test_names_envoy_is_configured_with() -> None:
     assert (MODEL_HEADER, MODEL_TAG, MAX_MODEL_CHARS) == ("x-llm-model", "model", 256)
-    assert Observation._fields[-8:] == ("requested_model", "model", "usage_suspicious", "client", "retry_after",
-                                        "route", "unattempted", "retried_ms")
+    assert Observation._fields[-9:] == ("requested_model", "model", "usage_suspicious", "client", "retry_after",
+                                        "route", "unattempted", "retried_ms", "user")
 
 
 @pytest.mark.parametrize(

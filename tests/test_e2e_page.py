@@ -266,3 +266,76 @@ def test_live_page_lists_clients_by_name_never_by_key(tmp_path):
     finally:
         cp.stop()
         a.stop()
+
+
+def rollout_view(cp: ControlPlane, pool: str) -> dict[str, Any]:
+    """What the rollout card must show, as /v1/status reports it: phase, step, candidate and the gates."""
+    report = cp.status().get("rollouts", {}).get(pool)
+    assert isinstance(report, dict), f"/v1/status reports no rollout for {pool!r}"
+    return {"phase": report["phase"], "step": report["step"], "steps": report["steps"],
+            "candidate": report["candidate"], "gates": [(g["name"], g["status"]) for g in report["gates"]]}
+
+
+def load_rollout_card(binary: str, tmp: Path, cp: ControlPlane, pool: str, phase: str,
+                      deadline_s: float = 20.0) -> tuple[Dom, Node, dict[str, Any]]:
+    """Dump the page until it shows `pool`'s rollout card in `phase`, with the API's report the same before
+    and after the dump (so the card cannot have raced a gate's change); the DOM, the card and that report."""
+    deadline = time.monotonic() + deadline_s
+    attempts = []
+    while True:
+        before = rollout_view(cp, pool)
+        dom = Dom(run_chromium(binary, tmp, f"{cp.api}/", "--dump-dom"))
+        after = rollout_view(cp, pool)
+        card = dom.root.find(data_rollout=pool)
+        title = card and next((n for n in card.walk() if n.tag == "h3"), None)
+        pill = title and title.find(data_phase=phase)
+        attempts.append(f"card {card is not None}, phase pill {pill is not None}, API {after['phase']}, "
+                        f"stable {before == after}")
+        if card is not None and pill is not None and before == after:
+            return dom, card, after
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page never showed {pool}'s rollout {phase}; per attempt: {attempts}")
+        time.sleep(1)
+
+
+def test_live_page_shows_a_canary_rollout_and_its_pause(tmp_path):
+    binary = chromium_binary()
+    a, c = MockBackend("a"), MockBackend("c")
+    cp = None
+    try:
+        pools = {"chat": {"match": {"prefix": "/v1/"}, "strategy": "weighted", "timeout": "10s",
+                          "backends": {a.name: {"url": a.url}, c.name: {"url": c.url}},
+                          "rollout": {"candidate": c.name, "steps": [10, 50, 100], "step_duration": "600s",
+                                      "max_step_duration": "1200s", "min_requests": 10}}}
+        cp = ControlPlane(tmp_path, pools)
+        counts, statuses = spread(cp.listener, 20, clients=4)
+        assert statuses == Counter({200: 20}), statuses
+        wait_for(lambda: rollout_view(cp, "chat")["gates"], timeout=15, what="the rollout's first gate evaluation")
+
+        dom, card, report = load_rollout_card(binary, tmp_path, cp, "chat", "running")
+        section = dom.root.find(id="rollouts-section")
+        assert section is not None and "hidden" not in section.attrs, "the rollouts section is hidden"
+        assert report["phase"] == "running" and report["step"] == 1 and report["steps"] == [10, 50, 100], report
+        step = card.find(data_field="step")
+        assert step is not None and step.text().strip().startswith("step 1 of 3"), step and step.text()
+        candidate = card.find(data_field="candidate")
+        assert candidate is not None and candidate.text().strip() == c.name, candidate and candidate.text()
+        shown = [(n.attrs["data-gate"], n.attrs.get("data-status")) for n in card.walk() if "data-gate" in n.attrs]
+        assert report["gates"] and shown == report["gates"], (shown, report["gates"])
+        for name, status in shown:  # each gate's pill says its status
+            gate = card.find(data_gate=name)
+            pill = gate and next((n for n in gate.walk() if "pill" in n.attrs.get("class", "").split()), None)
+            assert pill is not None and pill.text().strip() == status, (name, status, pill and pill.text())
+
+        code, body = http_json("POST", f"{cp.api}/v1/rollouts/chat/pause", {})
+        assert code == 200 and body["phase"] == "paused", body
+        dom, card, report = load_rollout_card(binary, tmp_path, cp, "chat", "paused")
+        assert report["phase"] == "paused", report
+        pill = next(n for n in card.walk() if n.tag == "h3").find(data_phase="paused")
+        assert pill is not None and pill.text().strip() == "paused" and "warn" in pill.attrs["class"].split(), pill
+        assert "paused" in card.text()
+    finally:
+        if cp is not None:
+            cp.stop()
+        a.stop()
+        c.stop()

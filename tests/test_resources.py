@@ -169,7 +169,7 @@ def test_listener_uses_rds_over_ads_on_configured_address():
     assert not lua.HasField("default_source_code") and resources.USAGE_SOURCE in lua.source_codes
     stripped = as_dict(manager.early_header_mutation_extensions[0].typed_config)
     assert {m["remove"] for m in stripped["mutations"]} == {"x-llm-model", "x-llm-stream", "x-llm-lb-model", "x-llm-client",
-                                                         "x-request-id"}
+                                                         "x-request-id", "x-llm-lb-shadow", "x-llm-lb-user"}
 
 
 def test_builders_are_deterministic_and_weight_change_touches_only_eds():
@@ -430,7 +430,7 @@ def test_access_log_carries_requested_and_served_model():
     manager = hcm_pb2.HttpConnectionManager()
     resources.listener(config).filter_chains[0].filters[0].typed_config.Unpack(manager)
     als = as_dict(manager.access_log[0].typed_config)
-    assert als["additional_request_headers_to_log"] == ["x-llm-model", "x-llm-client"]
+    assert als["additional_request_headers_to_log"] == ["x-llm-model", "x-llm-client", "x-llm-lb-user"]
     tags = {t["tag"]: t["metadata"]["metadata_key"]["path"][0]["key"] for t in als["common_config"]["custom_tags"]}
     assert tags == {"backend": "backend", "model": "model"}
     mapper = as_dict(manager.local_reply_config.mappers[0])

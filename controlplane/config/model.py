@@ -518,6 +518,100 @@ class Backend(_Model):
         return f"Bearer {key}" if self.api_key_header == "authorization" else key
 
 
+RolloutMode = Literal["canary", "ab", "shadow"]
+
+
+class ErrorGate(_Model):
+    """Wald's sequential test on the candidate's failed attempts: `baseline_rate` is acceptable,
+    `bad_rate` is not; alpha is the chance of failing a good candidate, beta of passing a bad one.
+    Checked at every tick without inflating false alarms (README: Rollouts)."""
+
+    baseline_rate: float = Field(0.02, gt=0, lt=1)
+    bad_rate: float = Field(0.10, gt=0, lt=1)
+    alpha: float = Field(0.01, gt=0, lt=0.5)
+    beta: float = Field(0.05, gt=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ErrorGate:
+        if self.bad_rate <= self.baseline_rate:
+            raise ValueError(f"bad_rate ({self.bad_rate:g}) must be above baseline_rate ({self.baseline_rate:g})")
+        return self
+
+
+class QualityGate(_Model):
+    """Feedback: the candidate's mean score minus the baseline's may not fall below `min_delta`,
+    judged once the candidate has `min_feedback` scores (until then the last step cannot pass)."""
+
+    min_delta: float = Field(-0.03, ge=-1, le=1)
+    min_feedback: int = Field(50, ge=1)
+
+
+class Gates(_Model):
+    """What a step must show before the next one; any gate failing fails the rollout at once."""
+
+    errors: ErrorGate | None = ErrorGate()
+    # The candidate's p95 time to first byte over the baseline's; and of latency per output token
+    # (total latency depends on answer length, so it is not compared).
+    ttfb_p95_ratio: float | None = Field(1.25, gt=1)
+    token_latency_p95_ratio: float | None = Field(None, gt=1)
+    quality: QualityGate | None = None
+    cost_ratio: float | None = Field(None, gt=0)  # candidate's mean cost per request over the baseline's
+    # The candidate has traffic due but showed no request (nor failed attempt) this long while the
+    # baseline did: refusing connections, ejected, unreachable.
+    no_data_after: Duration | None = timedelta(minutes=2)
+
+
+class ShadowSettings(_Model):
+    """Mirror a share of requests to the candidate; clients only ever see the primary's answer."""
+
+    percent: float = Field(100.0, gt=0, le=100)
+    budget: float = Field(gt=0)  # USD the candidate's shadow answers may cost in this rollout; then mirroring stops
+    # When the shadow passes its gates: stop with a report, or go on as a canary from the first step.
+    then: Literal["stop", "canary"] = "stop"
+    max_requests: int = Field(64, ge=1)  # the shadow cluster's circuit breaker: mirrored requests in flight
+
+
+class AbSettings(_Model):
+    """A fixed split; sticky per user when requests name one in `user_header` (Envoy hashes it)."""
+
+    percent: float = Field(50.0, gt=0, lt=100)  # the candidate's share
+    user_header: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]+$")] | None = "x-user-id"
+    alpha: float = Field(0.05, gt=0, lt=0.5)  # the readout's intervals are 1 - alpha
+
+
+class Rollout(_Model):
+    """Move traffic to `candidate` through gated steps, mirror it (shadow), or split it (A/B)."""
+
+    mode: RolloutMode = "canary"
+    candidate: Name
+    baseline: list[Name] | None = Field(None, min_length=1)  # default: the other backends of the candidate's tier
+    steps: list[Annotated[float, Field(gt=0, le=100)]] = Field(
+        default_factory=lambda: [1.0, 5.0, 25.0, 50.0, 100.0], min_length=1)
+    step_duration: Duration = timedelta(minutes=5)
+    min_requests: int = Field(200, ge=1)  # candidate requests per step before it can pass
+    max_step_duration: Duration = timedelta(minutes=30)  # a step still undecided then: paused as inconclusive
+    on_failure: Literal["rollback", "pause"] = "rollback"
+    gates: Gates = Gates()
+    shadow: ShadowSettings | None = None
+    ab: AbSettings = AbSettings()
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("steps must increase (each is the candidate's share of traffic, in percent)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Rollout:
+        if self.max_step_duration <= self.step_duration:
+            raise ValueError("max_step_duration must be longer than step_duration")
+        if self.mode == "shadow" and self.shadow is None:
+            raise ValueError("mode shadow needs a shadow block with at least its budget (USD), e.g. "
+                             "shadow: {percent: 50, budget: 5}")
+        return self
+
+
 class Pool(_Model):
     match: Match = Match()
     strategy: Strategy = "weighted"
@@ -535,6 +629,7 @@ class Pool(_Model):
     deep_health: DeepHealth | None = None
     budget: Budget | None = None
     alerts: PoolAlerts = PoolAlerts()
+    rollout: Rollout | None = None
     backends: dict[Name, Backend] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -546,6 +641,39 @@ class Pool(_Model):
                 f"({self.timeout.total_seconds():g}s), or no retry could ever start"
             )
         return self
+
+    @model_validator(mode="after")
+    def _rollout_backends(self) -> Pool:
+        rollout = self.rollout
+        if rollout is None:
+            return self
+        candidate = self.backends.get(rollout.candidate)
+        if candidate is None:
+            raise ValueError(f"rollout.candidate {rollout.candidate!r} is not a backend of this pool "
+                             f"(backends: {', '.join(sorted(self.backends))})")
+        for name in rollout.baseline or ():
+            if name not in self.backends:
+                raise ValueError(f"rollout.baseline names {name!r}, not a backend of this pool")
+            if name == rollout.candidate:
+                raise ValueError("rollout.baseline must not name the candidate")
+            if self.backends[name].priority != candidate.priority:
+                raise ValueError(f"rollout.baseline {name!r} is in priority tier {self.backends[name].priority}, "
+                                 f"the candidate in tier {candidate.priority}: Envoy splits traffic by weight "
+                                 "within a tier only")
+        if not self.rollout_baseline():
+            raise ValueError(f"rollout: no baseline; the candidate's tier ({candidate.priority}) has no other "
+                             "backend to compare it with")
+        return self
+
+    def rollout_baseline(self) -> list[str]:
+        """The backends the candidate is compared with: as configured, else the rest of its tier."""
+        rollout = self.rollout
+        if rollout is None:
+            return []
+        if rollout.baseline is not None:
+            return list(rollout.baseline)
+        tier = self.backends[rollout.candidate].priority
+        return sorted(n for n, b in self.backends.items() if b.priority == tier and n != rollout.candidate)
 
 
 class Config(_Model):

@@ -19,6 +19,7 @@ from .. import resolver
 from ..config import Config, ConfigError
 from ..config.loader import config_from_bytes, read_config_file
 from ..reconciler import Reconciler, build
+from ..rollouts.controller import Rollouts
 from ..scoring.engine import Engine
 
 log = logging.getLogger("controlplane")
@@ -62,6 +63,7 @@ class ConfigReloader:
         self.running = reconciler.state.config  # what Envoy and the listeners were started with
         self._seen: tuple[int, int, str] | None = None  # (size, mtime, digest) of a changed file at the last poll
         self._parsing: asyncio.Future[Config] | None = None
+        self.rollouts: Rollouts | None = None  # rollouts/controller.py: follows each applied config
 
     async def run(self) -> None:
         while True:
@@ -115,7 +117,8 @@ class ConfigReloader:
         if resolver.backend_hosts(new) - set(addresses):
             resolved = await resolver.resolve(resolver.backend_hosts(new), addresses)
             addresses = {**self.reconciler.state.addresses, **resolved}
-        state = self.reconciler.state.replace(config=new, addresses=addresses)
+        rollouts = self.rollouts.sync(new, commit=False) if self.rollouts is not None else {}
+        state = self.reconciler.state.replace(config=new, addresses=addresses, rollouts=rollouts)
         try:
             # Prove the edit builds before the engine follows it: a refused edit then changes nothing.
             build(state)
@@ -126,11 +129,15 @@ class ConfigReloader:
         try:
             self.engine.sync(new)
             self.engine.recompute(self.shifted())
+            if self.rollouts is not None:  # the rollouts follow the edit (a changed block starts again)
+                state = state.replace(rollouts=self.rollouts.sync(new))
             self.reconciler.apply(state.replace(weights=self.engine.weights()))
         except Exception as exc:  # noqa: BLE001 - a bug past the check: follow the live config again
             log.exception("cannot apply the edited config")
             self.engine.sync(old)  # what the edit removed comes back with its stats
             self.engine.recompute(self.shifted())
+            if self.rollouts is not None:
+                self.rollouts.sync(old)
             self._reject(f"{status.path}: cannot apply: {exc}", new_digest)
             return False
         status.digest, status.loaded_at, status.errors, status.rejected_digest = new_digest, time.time(), [], ""

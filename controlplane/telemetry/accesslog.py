@@ -37,6 +37,8 @@ from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from google.protobuf import duration_pb2, struct_pb2
 
+from ..rollouts.plan import SHADOW_HEADER, USER_HEADER
+
 log = logging.getLogger("controlplane.telemetry")
 
 USAGE_NS = "llm_lb.usage"
@@ -118,6 +120,7 @@ class Observation(NamedTuple):
     # Retried: the time before the final attempt began (earlier attempts, back-off), which is not the final
     # backend's. Its latency for the scores is latency_ms - retried_ms; 0 when there was one attempt.
     retried_ms: float = 0.0
+    user: str = ""  # an A/B rollout's user (the pool's user_header, copied by the route): per-arm user counts
 
     @property
     def charged(self) -> bool:
@@ -256,6 +259,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
     request_headers = request.request_headers
     requested = request_headers.get(MODEL_HEADER, "")[:MAX_MODEL_CHARS] if request_headers else ""
     client = request_headers.get(CLIENT_HEADER, "")[:MAX_MODEL_CHARS] if request_headers else ""
+    user = request_headers.get(USER_HEADER, "")[:MAX_MODEL_CHARS] if request_headers else ""
     tags = common.custom_tags
     model = tags.get(MODEL_TAG, "")[:MAX_MODEL_CHARS] or requested
     address = common.upstream_remote_address
@@ -283,6 +287,7 @@ def parse(entry: accesslog_pb2.HTTPAccessLogEntry) -> Observation:
         "" if served else common.route_name[:MAX_MODEL_CHARS],
         bool(flags) and response.response_code_details in REQUEST_FAILURES,  # each such timeout sets a flag
         retried,
+        user,
     )
 
 
@@ -296,6 +301,11 @@ class Attempt(NamedTuple):
     latency_ms: float  # the attempt's own duration: from its start to its end
     response_flags: str
     retry_after: str = ""  # the backend's Retry-After on a 429/503, as sent
+    # A shadow rollout's mirrored request (SHADOW_HEADER): logged failed or not, and its only record.
+    shadow: bool = False
+    ttfb_ms: float | None = None  # from the attempt's start to the backend's first byte
+    request_bytes: int = 0  # the body sizes as the backend saw them (for the shadow's token estimate)
+    response_bytes: int = 0
 
     @property
     def failed(self) -> bool:
@@ -315,16 +325,22 @@ def parse_attempt(entry: accesslog_pb2.HTTPAccessLogEntry) -> Attempt:
     (In these entries Envoy's request/response body byte counts are from the upstream's side, i.e.
     swapped: not read.)"""
     common = entry.common_properties
+    request = entry.request
     response = entry.response
     headers = response.response_headers
+    request_headers = request.request_headers
     return Attempt(
-        entry.request.request_id[:MAX_MODEL_CHARS],
+        request.request_id[:MAX_MODEL_CHARS],
         common.upstream_cluster,
         common.custom_tags.get("backend", ""),
         response.response_code.value,
         _ms(common.duration),
         _flags(common.response_flags) if common.HasField("response_flags") else "",
         headers.get("retry-after", "")[:32] if headers else "",
+        bool(request_headers) and SHADOW_HEADER in request_headers,
+        _ms(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None,
+        response.response_body_bytes,  # swapped, as said above: this is what was sent to the backend
+        request.request_body_bytes,
     )
 
 

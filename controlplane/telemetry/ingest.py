@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..config import Config
+from ..rollouts.controller import Rollouts
 from ..scoring.engine import Engine
 from ..scoring.ledger import SpendBook
 from .accesslog import Attempt, Observation
@@ -54,6 +55,8 @@ class Telemetry:
         self.clients: Callable[[Observation, float], None] | None = None
         # A backend's 429 with Retry-After (pool, backend, header as sent): cooled (controllers/quotas.py).
         self.rate_limited: Callable[[str, str, str], object] | None = None
+        # Rollouts (rollouts/controller.py): entries of the pools in its `watched`, shadows' attempts, feedback.
+        self.rollouts: Rollouts | None = None
         self.attempt_failures = 0  # failed attempts counted against their backend (attempts log)
         self.recent = Recent()  # per backend, lately: status classes, error rate, percentiles, share
         self.histograms = GenAiHistograms()  # the OTel GenAI histograms
@@ -77,6 +80,8 @@ class Telemetry:
         failed = 0
         engine, spend, requests, clients = self.engine, self.spend, self.requests, self.clients
         recent, histograms = self.recent.observe, self.histograms.observe
+        rollouts = self.rollouts
+        watched = rollouts.watched if rollouts is not None else frozenset()
         for obs in batch:
             pool, backend = obs.pool, obs.backend
             if clients is not None and (obs.client or not backend):
@@ -105,17 +110,20 @@ class Telemetry:
                               obs.client)
                 seconds = obs.latency_ms / 1000
                 recent(at, pool, backend, obs.status, ok, seconds)
+                if pool in watched:
+                    assert rollouts is not None
+                    rollouts.observe(obs, ok, cost, at)
                 ttfb = obs.ttfb_ms
                 histograms(pool, backend, obs.requested_model, obs.model, seconds,
                            None if ttfb is None else ttfb / 1000, obs.prompt_tokens, obs.completion_tokens)
                 if obs.usage_suspicious:
                     self._suspicious(obs)
                 if obs.quality_header is not None:
-                    engine.observe_feedback(pool, backend, obs.quality_header)
+                    self._rated(pool, backend, obs.quality_header)
                 if obs.request_id:
                     waiting = requests.served(obs.request_id, pool, backend)
                     if waiting is not None:
-                        engine.observe_feedback(pool, backend, waiting)
+                        self._rated(pool, backend, waiting)
             except Exception:  # one entry that cannot be used must not cost the rest of its batch
                 failed += 1
                 log.exception("cannot use the access log entry of request %r", obs.request_id[:64])
@@ -126,9 +134,20 @@ class Telemetry:
         it. Returns how many could not be used (each is logged)."""
         pools = self.config().pools
         engine, rate_limited = self.engine, self.rate_limited
+        rollouts = self.rollouts
+        at = time.time()
         failed = 0
         for attempt in batch:
             pool, backend = attempt.pool, attempt.backend
+            if rollouts is not None and (attempt.shadow or pool in rollouts.watched):
+                try:
+                    rollouts.observe_attempt(attempt, at)
+                except Exception:
+                    failed += 1
+                    log.exception("cannot use the attempts log entry of request %r for its rollout",
+                                  attempt.request_id[:64])
+                if attempt.shadow:
+                    continue  # the shadow's answer reached no client: nothing for the scores
             if not backend or pool not in pools or not attempt.failed:
                 continue  # no backend was picked, or not a failure (the filter is Envoy's; the rule is here)
             try:
@@ -160,10 +179,15 @@ class Telemetry:
             self.requests.wait(request_id, score)
             return {"request_id": request_id, "status": "pending",
                     "detail": "request not seen yet; applied when its access log entry arrives"}
-        self.engine.observe_feedback(served.pool, served.backend, score)
+        self._rated(served.pool, served.backend, score)
         stats = self.engine.stats.get((served.pool, served.backend))  # None: the backend was since removed
         return {"request_id": request_id, "status": "applied", "pool": served.pool, "backend": served.backend,
                 "quality": round(stats.quality, 4) if stats is not None else None}
+
+    def _rated(self, pool: str, backend: str, score: float) -> None:
+        self.engine.observe_feedback(pool, backend, score)
+        if self.rollouts is not None:
+            self.rollouts.observe_feedback(pool, backend, score)
 
     def observe_health(self, pool: str, backend: str, verdict: Verdict) -> None:
         stats = self.engine.stats.get((pool, backend))

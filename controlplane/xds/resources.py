@@ -59,6 +59,8 @@ from google.protobuf.message import Message
 
 from ..bootstrap import AUTH_HEADER, XDS_CLUSTER
 from ..config import CircuitBreaker, Client, Config, HealthCheck, OutlierDetection, Pool
+from ..rollouts import plan as rollout_plan
+from ..rollouts.plan import SHADOW_HEADER, USER_HEADER, Plans, RolloutPlan, shadow_cluster
 from ..state import Addresses, Drained, Weights
 from ..telemetry import spool
 from ..telemetry.accesslog import (
@@ -125,17 +127,44 @@ def _struct(values: Mapping[str, object]) -> struct_pb2.Struct:
 
 
 def clusters(config: Config) -> dict[str, Message]:
-    return {name: cluster(name, pool, config) for name, pool in config.pools.items()}
+    out: dict[str, Message] = {name: cluster(name, pool, config) for name, pool in config.pools.items()}
+    for name, pool in config.pools.items():
+        if _shadows(pool):
+            out[shadow_cluster(name)] = shadow_cluster_resource(name, pool, config)
+    return out
 
 
-def endpoints(config: Config, weights: Weights, addresses: Addresses, drained: Drained = frozenset()
-              ) -> dict[str, Message]:
-    return {
-        name: load_assignment(
-            name, pool, weights.get(name, {}), addresses, frozenset(b for p, b in drained if p == name)
-        )
-        for name, pool in config.pools.items()
-    }
+def endpoints(config: Config, weights: Weights, addresses: Addresses, drained: Drained = frozenset(),
+              plans: Plans | None = None) -> dict[str, Message]:
+    out: dict[str, Message] = {}
+    for name, pool in config.pools.items():
+        out.update(pool_endpoints(name, pool, weights.get(name, {}), addresses,
+                                  frozenset(b for p, b in drained if p == name), (plans or {}).get(name)))
+    return out
+
+
+def pool_endpoints(name: str, pool: Pool, weights: Mapping[str, int], addresses: Addresses,
+                   drained: frozenset[str], plan: RolloutPlan | None) -> dict[str, Message]:
+    """The pool's endpoints (the candidate at its rollout's share) and, in a shadow rollout, the shadow's."""
+    out: dict[str, Message] = {
+        name: load_assignment(name, pool, rollout_plan.weights(pool, weights, plan, drained), addresses, drained)}
+    if _shadows(pool):
+        assert pool.rollout is not None
+        candidate = pool.rollout.candidate
+        alone = pool.model_copy(update={"backends": {candidate: pool.backends[candidate]}})
+        out[shadow_cluster(name)] = load_assignment(shadow_cluster(name), alone, {candidate: 1}, addresses)
+    return out
+
+
+def _shadows(pool: Pool) -> bool:
+    """A shadow rollout has its own cluster (the candidate alone) for as long as the config holds it."""
+    return pool.rollout is not None and pool.rollout.shadow is not None and pool.rollout.mode == "shadow"
+
+
+def _sticky(pool: Pool) -> str | None:
+    """The header an A/B rollout hashes users by (Maglev), if any."""
+    rollout = pool.rollout
+    return rollout.ab.user_header if rollout is not None and rollout.mode == "ab" else None
 
 
 def listeners(config: Config, xds_token: str = "", spool_path: str | None = None) -> dict[str, Message]:
@@ -143,8 +172,8 @@ def listeners(config: Config, xds_token: str = "", spool_path: str | None = None
 
 
 def routes(config: Config, rejected: Mapping[str, str] | None = None, blocked: Blocked | None = None,
-           envoys: int = 1) -> dict[str, Message]:
-    return {ROUTE_NAME: route_configuration(config, rejected or {}, blocked, envoys)}
+           envoys: int = 1, plans: Plans | None = None) -> dict[str, Message]:
+    return {ROUTE_NAME: route_configuration(config, rejected or {}, blocked, envoys, plans)}
 
 
 def build(
@@ -157,13 +186,14 @@ def build(
     spool_path: str | None = None,
     blocked: Blocked | None = None,
     envoys: int = 1,
+    plans: Plans | None = None,
 ) -> dict[str, dict[str, Message]]:
     """Every resource Envoy needs, keyed by type URL and resource name."""
     return {
         typeurls.CLUSTER: clusters(config),
-        typeurls.ENDPOINT: endpoints(config, weights, addresses, drained),
+        typeurls.ENDPOINT: endpoints(config, weights, addresses, drained, plans),
         typeurls.LISTENER: listeners(config, xds_token, spool_path),
-        typeurls.ROUTE: routes(config, rejected, blocked, envoys),
+        typeurls.ROUTE: routes(config, rejected, blocked, envoys, plans),
     }
 
 
@@ -238,7 +268,8 @@ def _strip_internal_headers() -> list[extension_pb2.TypedExtensionConfig]:
         name="llm_lb.strip",
         typed_config=_any(early_mutation_pb2.HeaderMutation(mutations=[
             mutation_rules_pb2.HeaderMutation(remove=name)
-            for name in (MODEL_HEADER, STREAM_HEADER, UPSTREAM_MODEL_HEADER, CLIENT_HEADER, "x-request-id")
+            for name in (MODEL_HEADER, STREAM_HEADER, UPSTREAM_MODEL_HEADER, CLIENT_HEADER, "x-request-id",
+                         SHADOW_HEADER, USER_HEADER)
         ])),
     )]
 
@@ -359,7 +390,7 @@ def _access_log(xds_token: str) -> accesslog_pb2.AccessLog:
             als_pb2.HttpGrpcAccessLogConfig(
                 common_config=_grpc_log_config(REQUEST_LOG, xds_token,
                                                [backend_tag, _host_tag(MODEL_TAG, _MODEL_KEY)]),
-                additional_request_headers_to_log=[MODEL_HEADER, CLIENT_HEADER],
+                additional_request_headers_to_log=[MODEL_HEADER, CLIENT_HEADER, USER_HEADER],
                 additional_response_headers_to_log=["x-quality-score", "retry-after"],
             )
         ),
@@ -383,12 +414,16 @@ def attempts_log(xds_token: str) -> accesslog_pb2.AccessLog:
         status(accesslog_pb2.ComparisonFilter.EQ, 429, "rate_limited"),
         accesslog_pb2.AccessLogFilter(response_flag_filter=accesslog_pb2.ResponseFlagFilter(
             flags=list(ATTEMPT_FAILURE_CODES))),
+        # A mirrored request (shadow rollout), failed or not: the shadow's only record (rollouts/).
+        accesslog_pb2.AccessLogFilter(header_filter=accesslog_pb2.HeaderFilter(
+            header=route_components_pb2.HeaderMatcher(name=SHADOW_HEADER, present_match=True))),
     ]))
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.http_grpc",
         filter=failed,
         typed_config=_any(als_pb2.HttpGrpcAccessLogConfig(
             common_config=_grpc_log_config(ATTEMPTS_LOG, xds_token, [_host_tag("backend", "backend")]),
+            additional_request_headers_to_log=[SHADOW_HEADER],
             additional_response_headers_to_log=["retry-after"],
         )),
     )
@@ -493,7 +528,7 @@ def listener(config: Config, xds_token: str = "", spool_path: str | None = None)
 
 
 def route_configuration(config: Config, rejected: Mapping[str, str] | None = None, blocked: Blocked | None = None,
-                        envoys: int = 1) -> route_pb2.RouteConfiguration:
+                        envoys: int = 1, plans: Plans | None = None) -> route_pb2.RouteConfiguration:
     """Routes per path prefix, the longest first, so specific pools win.
 
     At a prefix whose pools name their models, each model routes to its pool
@@ -504,6 +539,7 @@ def route_configuration(config: Config, rejected: Mapping[str, str] | None = Non
     `rejected` (budget exhausted, action `reject`) is answered 429 by Envoy.
     """
     rejected = rejected or {}
+    mirrors = {name: p.mirror for name, p in (plans or {}).items() if p.mirror > 0}
     routes: list[route_components_pb2.Route] = [_blocked(name, *why) for name, why in sorted((blocked or {}).items())]
     if config.routes_by_model:
         routes += _model_list_routes(config)
@@ -514,17 +550,17 @@ def route_configuration(config: Config, rejected: Mapping[str, str] | None = Non
         here = by_prefix[prefix]
         if here[0][1].match.models is None:  # validation: then it is the only pool at this prefix
             name, pool = here[0]
-            routes += _forward(name, pool, route_components_pb2.RouteMatch(prefix=prefix), rejected)
+            routes += _forward(name, pool, route_components_pb2.RouteMatch(prefix=prefix), rejected, mirrors)
             continue
         covering = [(n, p) for q, pools in by_prefix.items() if q != prefix and prefix.startswith(q)
                     for n, p in pools if p.match.models is not None]
         candidates = here + sorted(covering, key=lambda item: -len(item[1].match.prefix))
         for name, pool in candidates:
             for model in pool.match.named_models:
-                routes += _forward(name, pool, _by_model(prefix, exact=model), rejected)
+                routes += _forward(name, pool, _by_model(prefix, exact=model), rejected, mirrors)
         default = next(((n, p) for n, p in candidates if p.match.default), None)
         if default is not None:
-            routes += _forward(*default, _by_model(prefix), rejected)
+            routes += _forward(*default, _by_model(prefix), rejected, mirrors)
         served = sorted(m for _, p in candidates for m in p.match.named_models)
         routes += _model_errors(prefix, served)
     host = route_components_pb2.VirtualHost(name="pools", domains=["*"], routes=routes)
@@ -566,8 +602,8 @@ def _by_model(prefix: str, exact: str | None = None) -> route_components_pb2.Rou
     return route_components_pb2.RouteMatch(prefix=prefix, headers=[header])
 
 
-def _forward(name: str, pool: Pool, match: route_components_pb2.RouteMatch, rejected: Mapping[str, str]
-             ) -> list[route_components_pb2.Route]:
+def _forward(name: str, pool: Pool, match: route_components_pb2.RouteMatch, rejected: Mapping[str, str],
+             mirrors: Mapping[str, float] | None = None) -> list[route_components_pb2.Route]:
     """The streamed twin (with the usage scanner) before the plain route (without any Lua)."""
     if name in rejected:
         body = json.dumps({"error": {"message": rejected[name], "type": "budget_exhausted", "pool": name}})
@@ -582,11 +618,43 @@ def _forward(name: str, pool: Pool, match: route_components_pb2.RouteMatch, reje
         auto_host_rewrite=wrappers_pb2.BoolValue(value=True),
         retry_policy=retry_policy(pool),
     )
+    mirror = (mirrors or {}).get(name, 0.0)
+    if mirror > 0:
+        action.request_mirror_policies.append(mirror_policy(name, pool, mirror))
+    user_header = _sticky(pool)
+    if user_header is not None:
+        action.hash_policy.append(route_components_pb2.RouteAction.HashPolicy(
+            header=route_components_pb2.RouteAction.HashPolicy.Header(header_name=user_header)))
     streamed = route_components_pb2.Route(name=f"{name}/stream", match=match, route=action)
+    plain = route_components_pb2.Route(name=name, match=match, route=action)
+    if user_header is not None:  # the access log names the user: per-arm statistics count users
+        for route in (streamed, plain):
+            route.request_headers_to_add.append(base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key=USER_HEADER, value=f"%REQ({user_header})%"),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))
     streamed.match.headers.append(
         route_components_pb2.HeaderMatcher(name=STREAM_HEADER, string_match=string_pb2.StringMatcher(exact="true")))
     streamed.typed_per_filter_config[USAGE_FILTER].CopyFrom(_any(lua_pb2.LuaPerRoute(name=USAGE_SOURCE)))
-    return [streamed, route_components_pb2.Route(name=name, match=match, route=action)]
+    return [streamed, plain]
+
+
+def mirror_policy(name: str, pool: Pool, share: float) -> route_components_pb2.RouteAction.RequestMirrorPolicy:
+    """A share of the pool's requests, copied to its shadow cluster (the candidate alone): the client only
+    ever sees the primary's answer. The copy carries SHADOW_HEADER, which selects its attempts-log entry,
+    and the candidate's own Host."""
+    assert pool.rollout is not None
+    policy = route_components_pb2.RouteAction.RequestMirrorPolicy(
+        cluster=shadow_cluster(name),
+        disable_shadow_host_suffix_append=True,
+        host_rewrite_literal=pool.backends[pool.rollout.candidate].host,
+        request_headers_mutations=[mutation_rules_pb2.HeaderMutation(append=base_pb2.HeaderValueOption(
+            header=base_pb2.HeaderValue(key=SHADOW_HEADER, value="1"),
+            append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD))],
+    )
+    policy.runtime_fraction.default_value.numerator = round(min(1.0, share) * 1_000_000)
+    policy.runtime_fraction.default_value.denominator = percent_pb2.FractionalPercent.MILLION
+    policy.runtime_fraction.runtime_key = f"llm_lb.shadow.{name}"
+    return policy
 
 
 def _json_content_type() -> base_pb2.HeaderValueOption:
@@ -711,7 +779,8 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
         http_filters=[*_credential_filters(pool), *_model_rewrite_filters(pool), _upstream_codec()],
     )
     lb_policy = (
-        cluster_pb2.Cluster.LEAST_REQUEST if pool.strategy == "least_request" else cluster_pb2.Cluster.ROUND_ROBIN
+        cluster_pb2.Cluster.MAGLEV if _sticky(pool) is not None  # A/B: a user stays in one arm
+        else cluster_pb2.Cluster.LEAST_REQUEST if pool.strategy == "least_request" else cluster_pb2.Cluster.ROUND_ROBIN
     )
     out = cluster_pb2.Cluster(
         name=name,
@@ -749,6 +818,21 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
                 ),
             )
         )
+    return out
+
+
+def shadow_cluster_resource(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
+    """The candidate alone, for mirrored requests: the pool's TLS and credentials, no health checks, no
+    ejection, and a small circuit breaker (a slow shadow cannot pile up requests; none is retried)."""
+    assert pool.rollout is not None and pool.rollout.shadow is not None
+    candidate = pool.rollout.candidate
+    alone = pool.model_copy(update={"backends": {candidate: pool.backends[candidate]}, "health_check": None})
+    out = cluster(shadow_cluster(name), alone, config)
+    out.ClearField("outlier_detection")
+    out.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
+    limit = pool.rollout.shadow.max_requests
+    out.circuit_breakers.CopyFrom(circuit_breakers(CircuitBreaker(
+        max_connections=limit, max_pending_requests=limit, max_requests=limit, max_retries=0, retry_budget=None)))
     return out
 
 

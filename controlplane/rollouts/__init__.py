@@ -1,0 +1,1 @@
+"""Canary, A/B and shadow rollouts: gates, state machine, controller."""
