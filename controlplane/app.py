@@ -83,14 +83,15 @@ class App:
         # Client request limits are per Envoy process: divided by how many are connected (at least one).
         self.ads.on_streams = lambda count: self.reconciler.propose(envoys=max(1, count))
         self.envoy_hosts = EnvoyHosts(self._envoy_admin_source, lambda: self.reconciler.state)
-        self.reconciler.history.reasons = lambda pool: {
-            name: b["reason"] for name, b in self.engine.explain(pool)["backends"].items()}
         self.alerter = Alerter(lambda: self.config().controlplane.alerts)
         # Rollouts as persisted, following the config: their plans are in the very first snapshot.
         self.rollouts = Rollouts(state_dir, self.engine, self.alerter)
         self.reconciler.propose(rollouts=self.rollouts.sync(config))
         self.rollouts.reconciler = self.reconciler
         self.telemetry.rollouts = self.rollouts
+        self.reconciler.history.reasons = lambda pool: {
+            **{name: b["reason"] for name, b in self.engine.explain(pool)["backends"].items()},
+            **self.rollouts.reasons(pool)}  # the candidate's weight is the rollout's, not the strategy's
         self.budgets = BudgetController(self.spend, self.alerter, self.reconciler, clock=self.clock)
         self.clients = ClientController(self.spend, self.alerter, self.reconciler, self.clock)
         self.telemetry.clients = self.clients.observe  # per client: counts, tokens per minute, rejections

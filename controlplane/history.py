@@ -22,6 +22,8 @@ def _cause(before: DesiredState, after: DesiredState) -> str:
         return "drain"
     if after.rejected != before.rejected:
         return "budget"
+    if after.rollouts != before.rollouts:
+        return "rollout"
     return "scoring"
 
 
@@ -32,9 +34,11 @@ class WeightHistory:
 
     def record(self, before: DesiredState | None, after: DesiredState, at: float | None = None) -> None:
         at = time.time() if at is None else at
+        was = before.effective_weights() if before is not None else {}
+        now = after.effective_weights()
         for pool in after.config.pools:
-            old = dict(before.weights.get(pool, {})) if before is not None else {}
-            new = dict(after.weights.get(pool, {}))
+            old = dict(was.get(pool, {}))
+            new = dict(now.get(pool, {}))
             old_drained = {b for p, b in before.drained if p == pool} if before is not None else set()
             new_drained = {b for p, b in after.drained if p == pool}
             if before is not None and old == new and old_drained == new_drained:

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import Config
 from .rollouts.plan import Plans
+from .rollouts.plan import weights as rollout_weights
 
 Weights = Mapping[str, Mapping[str, int]]  # pool -> backend -> weight
 Addresses = Mapping[str, str]  # backend host name -> IP address
@@ -67,6 +68,20 @@ class DesiredState:
     def out_of_rotation(self) -> Drained:
         """The (pool, backend) pairs Envoy sends no new requests: drained by an operator, or cooling."""
         return self.drained | frozenset(self.cooling) if self.cooling else self.drained
+
+    def effective_weights(self) -> Weights:
+        """What Envoy is sent: the scores' weights, with each rollout's candidate at its planned share
+        (0: left out of the endpoints)."""
+        if not self.rollouts:
+            return self.weights
+        out = dict(self.weights)
+        away = self.out_of_rotation()
+        for name, plan in self.rollouts.items():
+            pool = self.config.pools.get(name)
+            if pool is not None:
+                drained = frozenset(b for p, b in away if p == name)
+                out[name] = rollout_weights(pool, self.weights.get(name, {}), plan, drained)
+        return out
 
     def changed(self, other: DesiredState | None) -> frozenset[str]:
         """The names of the parts that differ from `other` (all of them when there is none)."""

@@ -192,7 +192,7 @@ class Views:
 
     def pushed_weights(self) -> Weights:
         """What Envoy was sent, not what is about to be."""
-        return (self.published() or self.state()).weights
+        return (self.published() or self.state()).effective_weights()
 
 
 @dataclass(frozen=True)

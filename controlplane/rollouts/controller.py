@@ -306,6 +306,18 @@ class Rollouts:
             body["readout"] = readout(run.total_base, run.total_cand, rollout.ab.percent / 100, rollout.ab.alpha)
         return body
 
+    def reasons(self, pool: str) -> dict[str, str]:
+        """The candidate's weight explained, for the weight history (the scores do not set it)."""
+        run = self.runs.get(pool)
+        if run is None or run.phase == machine.PROMOTED:
+            return {}
+        rollout = self._rollout(pool)
+        plan = machine.plan(run, rollout)
+        where = (f"step {run.step + 1} of {len(rollout.steps)}" if run.stage == "canary" else run.stage)
+        share = "" if plan is None else (f", mirrored {plan.mirror:.0%}" if plan.mode == "shadow"
+                                         else f", {plan.share:.1%} of its tier")
+        return {rollout.candidate: f"rollout {run.phase} ({where}{share}): {run.reason}"}
+
     def status(self) -> dict[str, Any]:
         return {name: self.report(name) for name in sorted(self.runs)}
 
