@@ -468,8 +468,9 @@ def test_sticky_ab_keeps_each_user_in_one_arm_and_the_readout_flags_quality(tmp_
         assert all(len(seen) == 1 for seen in arms.values()), "a user always lands in the same arm"
         in_c = sum(1 for seen in arms.values() if seen == {"c"})
         assert 5 <= in_c <= 35, f"{in_c} of 40 users in the candidate's arm"
-        report = wait_for(lambda: (r := rollout(cp))["readout"]["quality"]["significant"] and r, timeout=15,
-                          what="the readout to flag the quality difference")
+        report = wait_for(lambda: (r := rollout(cp))["readout"]["quality"]["significant"]
+                          and sum(r["readout"]["srm"]["observed"]) == 40 and r, timeout=15,
+                          what="every user counted and the readout to flag the quality difference")
         readout = report["readout"]
         assert readout["quality"]["difference"] < -0.3
         assert readout["srm"]["unit"] == "users" and sum(readout["srm"]["observed"]) == 40

@@ -201,11 +201,25 @@ def test_a_failing_candidate_fails_and_leaves_traffic() -> None:
 def test_the_baselines_own_errors_are_not_blamed_on_the_candidate() -> None:
     r = rollout(**FAST)
     run = machine.start("chat", r, 0.0)
-    feed(run, 90, 10, 360)  # candidate 10%...
-    for _ in range(40):
-        machine.observe_baseline(run, 1.0, False, None, 5.0, 0, 0, 0.0, None)  # ...baseline 10% too
-    gates = {g.name: g for g in machine.evaluate(run, r, 1.0)}
-    assert gates["errors"].status != machine.FAIL, gates["errors"]
+    for _ in range(10):  # both at 10%, interleaved as traffic is, the gates evaluated every round
+        feed(run, 9, 1, 36)
+        for _ in range(4):
+            machine.observe_baseline(run, 1.0, False, None, 5.0, 0, 0, 0.0, None)
+        gates = {g.name: g for g in machine.evaluate(run, r, 1.0)}
+        assert gates["errors"].status != machine.FAIL, gates["errors"]
+    assert run.rates is not None and run.rates[0] == pytest.approx(0.1)
+
+
+def test_a_candidate_turning_bad_late_in_a_step_still_fails_soon() -> None:
+    r = rollout(**FAST)
+    run = machine.start("chat", r, 0.0)
+    feed(run, 2000, 0, 8000)  # a long good stretch: the test passed long ago...
+    assert {g.name: g.status for g in machine.evaluate(run, r, 1.0)}["errors"] == machine.PASS
+    for n in range(1, 200):  # ...then every fifth request fails
+        feed(run, 0 if n % 5 == 0 else 1, 1 if n % 5 == 0 else 0, 4)
+        if {g.name: g.status for g in machine.evaluate(run, r, 1.0)}["errors"] == machine.FAIL:
+            break
+    assert n <= 60, f"failed only after {n} more requests: the good stretch banked credit"
 
 
 def test_on_failure_pause_holds_the_step_and_resume_restarts_its_window() -> None:
@@ -227,6 +241,17 @@ def test_doubled_ttfb_fails_and_five_percent_passes() -> None:
     fine = machine.start("chat", r, 0.0)
     feed(fine, 40, 0, 200, cand_ttfb=105.0)
     assert machine.tick(fine, r, 10.0, 10.0) is not None and fine.phase == machine.RUNNING and fine.step == 1
+
+
+def test_the_last_step_compares_latency_with_the_baselines_whole_run() -> None:
+    r = rollout(gates={"ttfb_p95_ratio": 1.25, "errors": None}, **FAST)
+    run = machine.start("chat", r, 0.0)
+    feed(run, 40, 0, 200)
+    run.step = 2  # 100%: the baseline keeps weight 1 and serves next to nothing in this step
+    run.cand, run.base = type(run.cand)(), type(run.base)()
+    feed(run, 40, 0, 0)
+    gates = {g.name: g for g in machine.evaluate(run, r, 1.0)}
+    assert gates["ttfb_p95"].status == machine.PASS, gates["ttfb_p95"]
 
 
 def test_quality_waits_for_min_feedback_then_judges() -> None:
@@ -345,6 +370,7 @@ def test_shadow_attempts_are_priced_and_compared_with_the_primary(tmp_path: Path
     rollouts.sync(cfg)
     rollouts.observe_attempt(Attempt("id", "chat~shadow", "c", 200, 300.0, "", "", True, 90.0, 4000, 8000), 1.0)
     rollouts.observe_attempt(Attempt("id2", "chat~shadow", "c", 500, 30.0, "", "", True, None, 4000, 100), 1.0)
+    rollouts.observe_attempt(Attempt("id3", "chat~shadow", "c", 0, 0.0, "UO", "", True), 1.0)  # its breaker
     rollouts.observe(obs("a"), True, 0.002, 1.0)
     run = rollouts.runs["chat"]
     assert run.shadow_spend == pytest.approx(1.0 * 1 + 2.0 * 2)  # 1000 prompt and 2000 completion tokens
@@ -352,3 +378,4 @@ def test_shadow_attempts_are_priced_and_compared_with_the_primary(tmp_path: Path
     report = rollouts.report("chat")
     assert report["shadow"]["report"]["shadow"]["tokens_out_per_request"] == 2000
     assert "quality" not in report["shadow"]["report"]["shadow"]
+    assert report["shadow"]["overflow"] == 1

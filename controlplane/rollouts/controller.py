@@ -60,6 +60,7 @@ class Rollouts:
         self.watched: frozenset[str] = frozenset()  # pools whose telemetry the rollouts need (cheap test per entry)
         self._last_tick: float | None = None
         self._shadow_costs: dict[str, deque[tuple[float, float]]] = {}  # pool -> (at, cost) of recent shadows
+        self.shadow_overflow: dict[str, int] = {}  # pool -> mirrored requests its breaker refused (max_requests)
         self._dirty = False
         self._saved_at = 0.0
         self._persisted = self._load()
@@ -154,6 +155,9 @@ class Rollouts:
         answer without one (telemetry/accesslog.py), and priced at the candidate's prices."""
         if attempt.failed:
             machine.observe_candidate(run, at, False, None, attempt.latency_ms, 0, 0, 0.0, None)
+            return
+        if not attempt.status:  # the shadow cluster's own breaker (UO), seen: never sent, nothing to judge
+            self.shadow_overflow[run.pool] = self.shadow_overflow.get(run.pool, 0) + 1
             return
         prompt = attempt.request_bytes // CHARS_PER_TOKEN
         completion = attempt.response_bytes // CHARS_PER_TOKEN
@@ -300,6 +304,7 @@ class Rollouts:
         if run.stage == "shadow" or rollout.mode == "shadow":
             assert rollout.shadow is not None
             body["shadow"] = {"spend": round(run.shadow_spend, 6), "budget": rollout.shadow.budget,
+                              "overflow": self.shadow_overflow.get(pool, 0),
                               "budget_spent": machine.shadow_budget_spent(run, rollout),
                               "report": _shadow_report(run)}
         if run.stage == "ab":

@@ -82,6 +82,11 @@ class Run:
     base: ArmStats = field(default_factory=ArmStats)  # this step's baseline
     total_cand: ArmStats = field(default_factory=ArmStats)  # since the rollout (re)started
     total_base: ArmStats = field(default_factory=ArmStats)
+    # The errors gate's sequential test over this step (an A/B test: the whole run): its log-likelihood
+    # ratio, the error rates it tests (acceptable, bad) and its pass boundary, where the ratio is floored.
+    llr: float = 0.0
+    rates: tuple[float, float] | None = None
+    floor: float = -math.inf
     shadow_spend: float = 0.0  # USD of the candidate's shadow answers
     # Mirroring stopped for the budget (latched: the spend still arriving must not start it again).
     shadow_stopped: bool = False
@@ -98,7 +103,9 @@ class Run:
             "step": self.step, "step_elapsed": self.step_elapsed, "started_at": self.started_at,
             "changed_at": self.changed_at, "reason": self.reason, "cand": self.cand.to_dict(),
             "base": self.base.to_dict(), "total_cand": self.total_cand.to_dict(),
-            "total_base": self.total_base.to_dict(), "shadow_spend": self.shadow_spend,
+            "total_base": self.total_base.to_dict(), "llr": self.llr,
+            "rates": list(self.rates) if self.rates else None, "floor": self.floor if self.rates else None,
+            "shadow_spend": self.shadow_spend,
             "shadow_stopped": self.shadow_stopped, "history": self.history[-HISTORY:],
         }
 
@@ -112,7 +119,10 @@ class Run:
             started_at=float(data["started_at"]), changed_at=float(data["changed_at"]),
             reason=str(data.get("reason", "")), cand=ArmStats.from_dict(data["cand"]),
             base=ArmStats.from_dict(data["base"]), total_cand=ArmStats.from_dict(data["total_cand"]),
-            total_base=ArmStats.from_dict(data["total_base"]), shadow_spend=float(data.get("shadow_spend", 0.0)),
+            total_base=ArmStats.from_dict(data["total_base"]), llr=float(data.get("llr", 0.0)),
+            rates=(float(data["rates"][0]), float(data["rates"][1])) if data.get("rates") else None,
+            floor=float(data["floor"]) if data.get("floor") is not None else -math.inf,
+            shadow_spend=float(data.get("shadow_spend", 0.0)),
             shadow_stopped=bool(data.get("shadow_stopped", False)), quiet_since=now, history=list(data.get("history", [])),
         )
 
@@ -121,6 +131,7 @@ def start(pool: str, rollout: Rollout, now: float, why: str = "started", by: str
     stage = "shadow" if rollout.mode == "shadow" else rollout.mode
     run = Run(pool=pool, fingerprint=fingerprint(rollout), stage=stage, started_at=now, changed_at=now,
               quiet_since=now, reason=why)
+    error_test(run, rollout)
     run.history.append(Transition(pool, "none", RUNNING, stage, 0, why, by, now).as_dict())
     return run
 
@@ -169,6 +180,10 @@ def is_baseline(run: Run, rollout: Rollout, backend: str, baseline: frozenset[st
 
 def observe_candidate(run: Run, at: float, ok: bool, ttfb_ms: float | None, latency_ms: float, prompt: int,
                       completion: int, cost: float, user: str | None) -> None:
+    if run.rates is not None:
+        p0, p1 = run.rates
+        step = math.log(p1 / p0) if not ok else math.log((1 - p1) / (1 - p0))
+        run.llr = max(run.floor, run.llr + step)
     for arm in (run.cand, run.total_cand):
         if ok:
             arm.observe_success(at, ttfb_ms, latency_ms, completion, prompt, cost, user)
@@ -199,35 +214,57 @@ def _ratio_gate(name: str, cand: float | None, base: float | None, limit: float,
     return Gate(name, FAIL if ratio > limit else PASS, detail)
 
 
+def error_test(run: Run, rollout: Rollout) -> None:
+    """Set the rates the errors gate tests from here on: the configured ones, or, when the baseline's own
+    error rate in this step is worse than `baseline_rate`, that rate (and the bad rate as much higher):
+    the candidate is not blamed for a provider-wide incident.
+
+    Wald's test, with one change for watching a step that goes on after it has passed: the ratio is
+    floored at the pass boundary, so successes bank no credit, and a candidate that turns bad later in
+    the step still fails after about (upper - lower) / ln(p1/p0) net failures (five, by default)."""
+    g = rollout.gates.errors
+    if g is None:
+        run.rates = None
+        return
+    _, base = arms(run)
+    p0 = g.baseline_rate
+    if base.requests >= rollout.min_requests:
+        p0 = min(0.9, max(p0, base.error_rate))
+    p1 = min(0.99, p0 + (g.bad_rate - g.baseline_rate))
+    run.rates = (p0, p1)
+    run.floor = Sprt(p0, p1, g.alpha, g.beta).lower
+
+
 def evaluate(run: Run, rollout: Rollout, now: float, baseline_quality: float | None = None) -> list[Gate]:
     """Each configured gate's verdict on the arms as they stand; `baseline_quality` (the scores'
     estimate) stands in for the baseline's feedback until it has enough of its own."""
     gates = rollout.gates
     cand, base = arms(run)
     need = rollout.min_requests
+    # Latency and cost are compared with the step's baseline when it has enough samples; at a step where
+    # the baseline gets little traffic (the last, at 100%), with its whole run's.
+    ref = base if base.requests >= need else run.total_base
     out: list[Gate] = []
     if gates.errors is not None:
         g = gates.errors
-        p0 = g.baseline_rate
-        if base.requests >= need:  # the baseline's own rate, if worse: the candidate is not blamed for it
-            p0 = min(0.9, max(p0, base.error_rate))
-        p1 = min(0.99, p0 + (g.bad_rate - g.baseline_rate))
-        sprt = Sprt(p0, p1, g.alpha, g.beta)
-        sprt.observe_many(cand.failures, cand.requests - cand.failures)
+        error_test(run, rollout)
+        assert run.rates is not None
+        p0, p1 = run.rates
+        sprt = Sprt(p0, p1, g.alpha, g.beta, llr=run.llr)
         decision = sprt.decision
         detail = (f"{cand.failures} failed of {cand.requests} (acceptable {p0:.3g}, bad {p1:.3g}; "
                   f"log-likelihood ratio {sprt.llr:.2f}, fail at {sprt.upper:.2f}, pass at {sprt.lower:.2f})")
         out.append(Gate("errors", FAIL if decision == "fail" else PASS if decision == "pass" else WAIT, detail))
     if gates.ttfb_p95_ratio is not None and run.stage != "ab":
-        out.append(_ratio_gate("ttfb_p95", cand.ttfb_ms.quantile(0.95), base.ttfb_ms.quantile(0.95),
+        out.append(_ratio_gate("ttfb_p95", cand.ttfb_ms.quantile(0.95), ref.ttfb_ms.quantile(0.95),
                                gates.ttfb_p95_ratio, len(cand.ttfb_ms), need, " ms"))
     if gates.token_latency_p95_ratio is not None and run.stage != "ab":
         out.append(_ratio_gate("token_latency_p95", cand.token_latency_ms.quantile(0.95),
-                               base.token_latency_ms.quantile(0.95), gates.token_latency_p95_ratio,
+                               ref.token_latency_ms.quantile(0.95), gates.token_latency_p95_ratio,
                                len(cand.token_latency_ms), need, " ms/token"))
     if gates.cost_ratio is not None and run.stage != "ab":
         out.append(_ratio_gate("cost", cand.cost.mean if cand.cost.n else None,
-                               base.cost.mean if base.cost.n else None, gates.cost_ratio, cand.cost.n, need,
+                               ref.cost.mean if ref.cost.n else None, gates.cost_ratio, cand.cost.n, need,
                                " USD/request"))
     if gates.quality is not None and run.stage == "canary":
         q = gates.quality
@@ -267,10 +304,12 @@ def _move(run: Run, phase: str, reason: str, by: str, now: float) -> Transition:
     return t
 
 
-def _new_step(run: Run, now: float) -> None:
+def _new_step(run: Run, rollout: Rollout, now: float) -> None:
     run.step_elapsed = 0.0
     run.cand, run.base = ArmStats(), ArmStats()
     run.quiet_since, run.base_since_cand = now, 0
+    run.llr = 0.0
+    error_test(run, rollout)
 
 
 def _advance(run: Run, rollout: Rollout, reason: str, by: str, now: float) -> Transition:
@@ -279,13 +318,13 @@ def _advance(run: Run, rollout: Rollout, reason: str, by: str, now: float) -> Tr
         assert rollout.shadow is not None
         if rollout.shadow.then == "canary" or by == "operator":
             run.stage, run.step = "canary", 0
-            _new_step(run, now)
+            _new_step(run, rollout, now)
             return _move(run, RUNNING, f"{reason}; canary from the first step ({rollout.steps[0]:g}%)", by, now)
         return _move(run, PASSED, reason, by, now)
     if run.stage == "ab" or run.step + 1 >= len(rollout.steps):
         return _move(run, PROMOTED, reason, by, now)
     run.step += 1
-    _new_step(run, now)
+    _new_step(run, rollout, now)
     return _move(run, RUNNING, f"{reason}; step {run.step + 1} of {len(rollout.steps)} "
                                f"({rollout.steps[run.step]:g}%)", by, now)
 
@@ -334,7 +373,7 @@ def command(run: Run, rollout: Rollout, action: str, now: float, full: bool = Fa
     if action == "resume":
         if phase != PAUSED:
             raise CommandError(f"the rollout is {phase}, not paused")
-        _new_step(run, now)  # the step's window starts again: what made it pause is not counted twice
+        _new_step(run, rollout, now)  # the step's window starts again: what made it pause is not counted twice
         return _move(run, RUNNING, "resumed by the operator (the step starts again)", "operator", now)
     if action == "promote":
         if phase not in ACTIVE and not (phase == PASSED and run.stage == "shadow"):
