@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from google.protobuf.message import Message
 
 from .history import WeightHistory
-from .rollouts.plan import shadow_pool
+from .rollouts.plan import shadow_cluster
 from .state import DesiredState
 from .xds import resources, typeurls
 from .xds.snapshot import Snapshot
@@ -44,7 +44,7 @@ def _endpoints(state: DesiredState, previous: Built | None, built_from: DesiredS
             and all(state.addresses.get(b.host) == built_from.addresses.get(b.host) for b in pool.backends.values())
         )
         if unchanged:
-            out.update({key: previous[key] for key in previous if key == name or shadow_pool(key) == name})
+            out.update({key: previous[key] for key in (name, shadow_cluster(name)) if key in previous})
         else:
             out.update(resources.pool_endpoints(name, pool, state.weights.get(name, {}), state.addresses, drained,
                                                 state.rollouts.get(name)))

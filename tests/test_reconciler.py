@@ -189,3 +189,30 @@ def test_a_failed_background_rebuild_keeps_serving_the_last_snapshot(monkeypatch
         assert weights_in(cache.snapshot) == {"a": 1, "b": 1}, "the next change publishes everything pending"
 
     asyncio.run(main())
+
+
+def test_a_rollout_step_rebuilds_its_pools_endpoints_and_keeps_the_shadows() -> None:
+    from controlplane.rollouts.plan import RolloutPlan
+
+    two = parse_config(CONFIG_TEXT + """
+  embed:
+    match: {prefix: /v2/}
+    backends:
+      e: {url: "http://127.0.0.1:9003"}
+      f: {url: "http://127.0.0.1:9004"}
+    rollout: {mode: shadow, candidate: f, shadow: {percent: 50, budget: 1}}
+""")
+    plans = {"embed": RolloutPlan("shadow", "f", 0.0, 0.5)}
+    first = DesiredState(config=two, addresses=ADDRESSES, weights={"chat": {"a": 3, "b": 1}}, rollouts=plans)
+    before = build(first)
+    assert "embed~shadow" in before.resources[typeurls.ENDPOINT] and "embed~shadow" in before.resources[typeurls.CLUSTER]
+    second = first.replace(weights={"chat": {"a": 1, "b": 1}})
+    after = build(second, before, first)
+    eds = after.resources[typeurls.ENDPOINT]
+    assert eds["embed"] is before.resources[typeurls.ENDPOINT]["embed"]
+    assert eds["embed~shadow"] is before.resources[typeurls.ENDPOINT]["embed~shadow"]
+    stopped = build(second.replace(rollouts={"embed": RolloutPlan("shadow", "f", 0.0, 0.0)}), after, second)
+    assert stopped.resources[typeurls.ENDPOINT]["chat"] is eds["chat"]
+    assert stopped.version(typeurls.ROUTE) != after.version(typeurls.ROUTE), "the mirror is gone from the routes"
+    assert not stopped.problems()
+    assert build(second).versions == after.versions, "reused or rebuilt, the content is the same"
