@@ -571,12 +571,23 @@ class ShadowSettings(_Model):
     max_requests: int = Field(64, ge=1)  # the shadow cluster's circuit breaker: mirrored requests in flight
 
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"})
+
+
 class AbSettings(_Model):
     """A fixed split; sticky per user when requests name one in `user_header` (Envoy hashes it)."""
 
     percent: float = Field(50.0, gt=0, lt=100)  # the candidate's share
     user_header: Annotated[str, StringConstraints(pattern=r"^[a-z0-9-]+$")] | None = "x-user-id"
     alpha: float = Field(0.05, gt=0, lt=0.5)  # the readout's intervals are 1 - alpha
+
+    @field_validator("user_header")
+    @classmethod
+    def _not_a_secret(cls, value: str | None) -> str | None:
+        if value in CREDENTIAL_HEADERS:
+            raise ValueError(f"user_header {value!r} carries credentials; name a header that identifies the "
+                             "user without authenticating them (e.g. x-user-id)")
+        return value
 
 
 class Rollout(_Model):
@@ -663,6 +674,10 @@ class Pool(_Model):
         if not self.rollout_baseline():
             raise ValueError(f"rollout: no baseline; the candidate's tier ({candidate.priority}) has no other "
                              "backend to compare it with")
+        tier = sorted(n for n, b in self.backends.items() if b.priority == candidate.priority and n != rollout.candidate)
+        if rollout.mode == "ab" and sorted(self.rollout_baseline()) != tier:
+            raise ValueError(f"rollout: an A/B test splits the candidate's tier in two, so its baseline is the rest "
+                             f"of the tier ({', '.join(tier)}); leave baseline out")
         return self
 
     def rollout_baseline(self) -> list[str]:

@@ -126,6 +126,7 @@ class ConfigReloader:
             log.exception("cannot build Envoy resources for the edited config")
             self._reject(f"{status.path}: cannot build Envoy resources: {exc}", new_digest)
             return False
+        saved = self.rollouts.checkpoint() if self.rollouts is not None else None
         try:
             self.engine.sync(new)
             self.engine.recompute(self.shifted())
@@ -136,8 +137,8 @@ class ConfigReloader:
             log.exception("cannot apply the edited config")
             self.engine.sync(old)  # what the edit removed comes back with its stats
             self.engine.recompute(self.shifted())
-            if self.rollouts is not None:
-                self.rollouts.sync(old)
+            if self.rollouts is not None and saved is not None:
+                self.rollouts.restore(saved)  # the runs as they were, not restarted
             self._reject(f"{status.path}: cannot apply: {exc}", new_digest)
             return False
         status.digest, status.loaded_at, status.errors, status.rejected_digest = new_digest, time.time(), [], ""

@@ -11,6 +11,7 @@ was since edited starts again from the first step).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -38,6 +39,8 @@ SAVE_INTERVAL = 1.0  # seconds: the arms' statistics and step time; transitions 
 # A shadow stops mirroring once its spend plus what it spent in the last RESERVE_SECONDS reaches its
 # budget: answers still on their way (the access log's buffer, the push) then land about on the budget.
 RESERVE_SECONDS = 1.0
+# A streamed answer's bytes are mostly SSE framing: an OpenAI-style chunk of one token is ~150-200 bytes.
+SSE_BYTES_PER_TOKEN = 160
 
 
 class Proposer(Protocol):
@@ -63,6 +66,7 @@ class Rollouts:
         self.shadow_overflow: dict[str, int] = {}  # pool -> mirrored requests its breaker refused (max_requests)
         self._dirty = False
         self._saved_at = 0.0
+        self._unreadable = ""  # why the state file could not be read, until the first sync has acted on it
         self._persisted = self._load()
 
     # -- config and plans -------------------------------------------------------------------------
@@ -84,7 +88,15 @@ class Rollouts:
                 if commit:
                     log.info("rollout %s: resumed %s at %s, step %d (%.0fs into it)", name, run.stage, run.phase,
                              run.step + 1, run.step_elapsed, extra={"pool": name})
-            if run is None or run.fingerprint != fp:
+            if run is None and self._unreadable:
+                # Its state is lost (it may have failed): the safe side is the candidate out of traffic.
+                why = (f"the rollout state could not be read ({self._unreadable}): stopped with the candidate out "
+                       "of traffic; `retry` starts it again from its first step")
+                run = machine.start(name, rollout, now, why)
+                run.phase = machine.ABORTED
+                run.history[-1]["to"] = machine.ABORTED
+                started.append(Transition(name, "none", machine.ABORTED, run.stage, 0, why, "config", now))
+            elif run is None or run.fingerprint != fp:
                 edited = run is not None or name in self._persisted
                 why = "rollout block edited: restarted from the first step" if edited else "started"
                 history = run.history if run is not None else []
@@ -98,13 +110,21 @@ class Rollouts:
         for name in set(self.runs) - set(kept):
             log.info("rollout %s: removed from the config; its candidate is scored as any backend", name,
                      extra={"pool": name})
-        self._config, self.runs, self._persisted = config, kept, {}
+        self._config, self.runs, self._persisted, self._unreadable = config, kept, {}, ""
         self._baselines = {name: frozenset(config.pools[name].rollout_baseline()) for name in kept}
         for t in started:
             self._announce(t)
         self.watched = frozenset(n for n, r in kept.items() if r.phase in ACTIVE)
         self.save()
         return plans
+
+    def checkpoint(self) -> tuple[Any, ...]:
+        """What sync() changes, so a reload that fails after it can put it back (runs not restarted)."""
+        return self._config, dict(self.runs), dict(self._persisted), dict(self._baselines), self.watched
+
+    def restore(self, saved: tuple[Any, ...]) -> None:
+        self._config, runs, persisted, baselines, self.watched = saved
+        self.runs, self._persisted, self._baselines = dict(runs), dict(persisted), dict(baselines)
 
     def plans(self) -> dict[str, RolloutPlan]:
         return {} if self._config is None else _plans(self._config, self.runs)
@@ -125,9 +145,13 @@ class Rollouts:
         backend = obs.backend
         if not ok and not obs.unattempted:
             return  # a failed final attempt is counted from its attempts-log entry (observe_attempt)
+        # A 4xx other than 429 is a success for the scores (the client's own mistake, mostly), but the
+        # client saw it and no retry hid it: for the arms it is a failure (a candidate with a wrong model
+        # name or key answers nothing but 4xx). The baseline's count moves the acceptable rate with it.
+        ok = ok and not 400 <= obs.status < 500
         ttfb = None if obs.ttfb_ms is None else max(0.0, obs.ttfb_ms - obs.retried_ms)
         args = (at, ok, ttfb, obs.latency_ms - obs.retried_ms, obs.prompt_tokens, obs.completion_tokens, cost,
-                obs.user or None)
+                _user_key(obs.user))
         if backend == rollout.candidate and run.stage != "shadow":
             machine.observe_candidate(run, *args)
         elif machine.is_baseline(run, rollout, backend, self._baselines[obs.pool]):
@@ -160,7 +184,7 @@ class Rollouts:
             self.shadow_overflow[run.pool] = self.shadow_overflow.get(run.pool, 0) + 1
             return
         prompt = attempt.request_bytes // CHARS_PER_TOKEN
-        completion = attempt.response_bytes // CHARS_PER_TOKEN
+        completion = attempt.response_bytes // (SSE_BYTES_PER_TOKEN if attempt.streamed else CHARS_PER_TOKEN)
         assert self._config is not None
         backend = self._config.pools[run.pool].backends[rollout.candidate]
         cost = request_cost(backend, prompt, completion)
@@ -276,9 +300,14 @@ class Rollouts:
             return {str(name): Run.from_dict(run, now) for name, run in data["rollouts"].items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(now)}")
-            self.path.replace(aside)
-            log.error("rollout state %s is unreadable (%s); kept it as %s, rollouts start from their first step",
-                      self.path, exc, aside)
+            try:
+                self.path.replace(aside)
+                kept = f"kept as {aside.name}"
+            except OSError as move:
+                kept = f"left in place: {move.strerror or move}"
+            self._unreadable = f"{type(exc).__name__}, {kept}"
+            log.error("rollout state %s is unreadable (%s); %s. Every rollout stops with its candidate out of "
+                      "traffic until `controlplane rollout retry POOL`", self.path, exc, kept)
             return {}
 
     # -- reports ------------------------------------------------------------------------------------
@@ -325,6 +354,11 @@ class Rollouts:
 
     def status(self) -> dict[str, Any]:
         return {name: self.report(name) for name in sorted(self.runs)}
+
+
+def _user_key(user: str) -> str | None:
+    """A user as the arms keep it: a short hash, never the header's value (it goes to the state file)."""
+    return hashlib.blake2b(user.encode(), digest_size=8).hexdigest() if user else None
 
 
 def _plans(config: Config, runs: Mapping[str, Run]) -> dict[str, RolloutPlan]:

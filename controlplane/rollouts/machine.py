@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config.model import Rollout
+from ..config.model import QualityGate, Rollout
 from .plan import RolloutPlan
-from .stats import ArmStats, Sprt
+from .stats import ArmStats, Sprt, mean_diff
 
 RUNNING, PAUSED, PROMOTED, FAILED, ABORTED, PASSED = "running", "paused", "promoted", "failed", "aborted", "passed"
 ACTIVE = frozenset({RUNNING, PAUSED})  # the candidate takes (or mirrors) traffic as planned
@@ -83,10 +84,14 @@ class Run:
     total_cand: ArmStats = field(default_factory=ArmStats)  # since the rollout (re)started
     total_base: ArmStats = field(default_factory=ArmStats)
     # The errors gate's sequential test over this step (an A/B test: the whole run): its log-likelihood
-    # ratio, the error rates it tests (acceptable, bad) and its pass boundary, where the ratio is floored.
+    # ratio, the error rates it tests (acceptable, bad) and its boundaries (pass, fail). Once the ratio
+    # crosses one, the test is decided for the step: it is not added to any more.
     llr: float = 0.0
     rates: tuple[float, float] | None = None
-    floor: float = -math.inf
+    bounds: tuple[float, float] = (-math.inf, math.inf)
+    # Latency and cost are judged once per step, when it is ready (a verdict a tick could flip by chance
+    # would inflate false alarms): gate name -> (status, detail).
+    verdicts: dict[str, tuple[str, str]] = field(default_factory=dict)
     shadow_spend: float = 0.0  # USD of the candidate's shadow answers
     # Mirroring stopped for the budget (latched: the spend still arriving must not start it again).
     shadow_stopped: bool = False
@@ -104,7 +109,8 @@ class Run:
             "changed_at": self.changed_at, "reason": self.reason, "cand": self.cand.to_dict(),
             "base": self.base.to_dict(), "total_cand": self.total_cand.to_dict(),
             "total_base": self.total_base.to_dict(), "llr": self.llr,
-            "rates": list(self.rates) if self.rates else None, "floor": self.floor if self.rates else None,
+            "rates": list(self.rates) if self.rates else None, "bounds": list(self.bounds) if self.rates else None,
+            "verdicts": {name: list(v) for name, v in self.verdicts.items()},
             "shadow_spend": self.shadow_spend,
             "shadow_stopped": self.shadow_stopped, "history": self.history[-HISTORY:],
         }
@@ -121,7 +127,8 @@ class Run:
             base=ArmStats.from_dict(data["base"]), total_cand=ArmStats.from_dict(data["total_cand"]),
             total_base=ArmStats.from_dict(data["total_base"]), llr=float(data.get("llr", 0.0)),
             rates=(float(data["rates"][0]), float(data["rates"][1])) if data.get("rates") else None,
-            floor=float(data["floor"]) if data.get("floor") is not None else -math.inf,
+            bounds=(float(data["bounds"][0]), float(data["bounds"][1])) if data.get("bounds") else (-math.inf, math.inf),
+            verdicts={str(k): (str(v[0]), str(v[1])) for k, v in dict(data.get("verdicts") or {}).items()},
             shadow_spend=float(data.get("shadow_spend", 0.0)),
             shadow_stopped=bool(data.get("shadow_stopped", False)), quiet_since=now, history=list(data.get("history", [])),
         )
@@ -180,11 +187,10 @@ def is_baseline(run: Run, rollout: Rollout, backend: str, baseline: frozenset[st
 
 def observe_candidate(run: Run, at: float, ok: bool, ttfb_ms: float | None, latency_ms: float, prompt: int,
                       completion: int, cost: float, user: str | None) -> None:
-    if run.rates is not None:
+    if run.rates is not None and run.bounds[0] < run.llr < run.bounds[1]:  # undecided: Wald's test goes on
         p0, p1 = run.rates
-        step = math.log(p1 / p0) if not ok else math.log((1 - p1) / (1 - p0))
-        run.llr = max(run.floor, run.llr + step)
-    for arm in (run.cand, run.total_cand):
+        run.llr += math.log(p1 / p0) if not ok else math.log((1 - p1) / (1 - p0))
+    for arm in ((run.total_cand,) if run.stage == "ab" else (run.cand, run.total_cand)):
         if ok:
             arm.observe_success(at, ttfb_ms, latency_ms, completion, prompt, cost, user)
         else:
@@ -195,7 +201,7 @@ def observe_candidate(run: Run, at: float, ok: bool, ttfb_ms: float | None, late
 
 def observe_baseline(run: Run, at: float, ok: bool, ttfb_ms: float | None, latency_ms: float, prompt: int,
                      completion: int, cost: float, user: str | None) -> None:
-    for arm in (run.base, run.total_base):
+    for arm in ((run.total_base,) if run.stage == "ab" else (run.base, run.total_base)):
         if ok:
             arm.observe_success(at, ttfb_ms, latency_ms, completion, prompt, cost, user)
         else:
@@ -219,9 +225,11 @@ def error_test(run: Run, rollout: Rollout) -> None:
     error rate in this step is worse than `baseline_rate`, that rate (and the bad rate as much higher):
     the candidate is not blamed for a provider-wide incident.
 
-    Wald's test, with one change for watching a step that goes on after it has passed: the ratio is
-    floored at the pass boundary, so successes bank no credit, and a candidate that turns bad later in
-    the step still fails after about (upper - lower) / ln(p1/p0) net failures (five, by default)."""
+    Wald's test, once per step: decided when the ratio crosses a boundary, and then no longer added to,
+    so however often it is looked at, a good candidate fails a step with probability at most about alpha
+    (a test that kept watching after it passed would fail every good candidate in time). A candidate that
+    turns bad after its step's test passed meets a new test at the next step (and, once Envoy ejects it,
+    the no-data gate)."""
     g = rollout.gates.errors
     if g is None:
         run.rates = None
@@ -232,7 +240,8 @@ def error_test(run: Run, rollout: Rollout) -> None:
         p0 = min(0.9, max(p0, base.error_rate))
     p1 = min(0.99, p0 + (g.bad_rate - g.baseline_rate))
     run.rates = (p0, p1)
-    run.floor = Sprt(p0, p1, g.alpha, g.beta).lower
+    test = Sprt(p0, p1, g.alpha, g.beta)
+    run.bounds = (test.lower, test.upper)
 
 
 def evaluate(run: Run, rollout: Rollout, now: float, baseline_quality: float | None = None) -> list[Gate]:
@@ -255,32 +264,59 @@ def evaluate(run: Run, rollout: Rollout, now: float, baseline_quality: float | N
         detail = (f"{cand.failures} failed of {cand.requests} (acceptable {p0:.3g}, bad {p1:.3g}; "
                   f"log-likelihood ratio {sprt.llr:.2f}, fail at {sprt.upper:.2f}, pass at {sprt.lower:.2f})")
         out.append(Gate("errors", FAIL if decision == "fail" else PASS if decision == "pass" else WAIT, detail))
-    if gates.ttfb_p95_ratio is not None and run.stage != "ab":
-        out.append(_ratio_gate("ttfb_p95", cand.ttfb_ms.quantile(0.95), ref.ttfb_ms.quantile(0.95),
-                               gates.ttfb_p95_ratio, len(cand.ttfb_ms), need, " ms"))
-    if gates.token_latency_p95_ratio is not None and run.stage != "ab":
-        out.append(_ratio_gate("token_latency_p95", cand.token_latency_ms.quantile(0.95),
-                               ref.token_latency_ms.quantile(0.95), gates.token_latency_p95_ratio,
-                               len(cand.token_latency_ms), need, " ms/token"))
-    if gates.cost_ratio is not None and run.stage != "ab":
-        out.append(_ratio_gate("cost", cand.cost.mean if cand.cost.n else None,
-                               ref.cost.mean if ref.cost.n else None, gates.cost_ratio, cand.cost.n, need,
-                               " USD/request"))
-    if gates.quality is not None and run.stage == "canary":
-        q = gates.quality
-        scores = run.total_cand.quality
-        if scores.n < q.min_feedback:
-            out.append(Gate("quality", WAIT, f"{scores.n} of {q.min_feedback} candidate feedback scores"))
+    # Judged once, when the step has run its time with its requests; until then they wait.
+    ready = run.step_elapsed >= rollout.step_duration.total_seconds() and cand.requests >= need
+    judged: list[tuple[str, float | None, bool, Callable[[], Gate]]] = [
+        ("ttfb_p95", gates.ttfb_p95_ratio, run.stage != "ab", lambda: _ratio_gate(
+            "ttfb_p95", cand.ttfb_ms.quantile(0.95), ref.ttfb_ms.quantile(0.95), gates.ttfb_p95_ratio or 0,
+            len(cand.ttfb_ms), need, " ms")),
+        ("token_latency_p95", gates.token_latency_p95_ratio, run.stage != "ab", lambda: _ratio_gate(
+            "token_latency_p95", cand.token_latency_ms.quantile(0.95), ref.token_latency_ms.quantile(0.95),
+            gates.token_latency_p95_ratio or 0, len(cand.token_latency_ms), need, " ms/token")),
+        # Not for a shadow: its tokens are estimated from body sizes, the primary's are reported.
+        ("cost", gates.cost_ratio, run.stage == "canary", lambda: _ratio_gate(
+            "cost", cand.cost.mean if cand.cost.n else None, ref.cost.mean if ref.cost.n else None,
+            gates.cost_ratio or 0, cand.cost.n, need, " USD/request")),
+    ]
+    for name, limit, applies, judge in judged:
+        if limit is None or not applies:
+            continue
+        if name not in run.verdicts and ready:
+            verdict = judge()
+            if verdict.status != WAIT:
+                run.verdicts[name] = (verdict.status, verdict.detail)
+        if name in run.verdicts:
+            out.append(Gate(name, *run.verdicts[name]))
         else:
-            own = run.total_base.quality
-            reference = own.mean if own.n >= q.min_feedback or baseline_quality is None else baseline_quality
-            delta = scores.mean - reference
-            out.append(Gate("quality", FAIL if delta < q.min_delta else PASS,
-                            f"candidate {scores.mean:.3f} ({scores.n} scores) vs baseline {reference:.3f}: "
-                            f"{delta:+.3f} (at least {q.min_delta:+.3f})"))
+            out.append(Gate(name, WAIT, f"judged when the step has run {rollout.step_duration.total_seconds():g}s "
+                                        f"with {need} candidate requests ({cand.requests} so far)"))
+    if gates.quality is not None and run.stage == "canary":
+        out.append(_quality(run, gates.quality, baseline_quality))
     if gates.no_data_after is not None:
         out.append(_no_data(run, rollout, now, gates.no_data_after.total_seconds()))
     return out
+
+
+QUALITY_CONFIDENCE = 0.99  # the quality gate fails only when the candidate is worse with this confidence
+
+
+def _quality(run: Run, q: QualityGate, baseline_quality: float | None) -> Gate:
+    """Fails only when the whole interval of (candidate - baseline) lies below min_delta: feedback is
+    noisy (thumbs up or down, most of all), and a bare mean would fail an equal candidate by chance."""
+    scores, own = run.total_cand.quality, run.total_base.quality
+    if scores.n < q.min_feedback:
+        return Gate("quality", WAIT, f"{scores.n} of {q.min_feedback} candidate feedback scores")
+    if own.n >= 2:
+        reference, (lo, hi) = own.mean, mean_diff(scores, own, QUALITY_CONFIDENCE)
+    elif baseline_quality is not None:  # the scores' estimate of the baseline, taken as known
+        reference = baseline_quality
+        lo, hi = (x - baseline_quality for x in scores.interval(QUALITY_CONFIDENCE))
+    else:
+        return Gate("quality", WAIT, "no baseline quality to compare with yet")
+    delta = scores.mean - reference
+    detail = (f"candidate {scores.mean:.3f} ({scores.n} scores) vs baseline {reference:.3f} ({own.n}): "
+              f"{delta:+.3f}, {QUALITY_CONFIDENCE:.0%} interval [{lo:+.3f}, {hi:+.3f}] (fails below {q.min_delta:+.3f})")
+    return Gate("quality", FAIL if hi < q.min_delta else PASS, detail)
 
 
 def _no_data(run: Run, rollout: Rollout, now: float, after: float) -> Gate:
@@ -309,6 +345,7 @@ def _new_step(run: Run, rollout: Rollout, now: float) -> None:
     run.cand, run.base = ArmStats(), ArmStats()
     run.quiet_since, run.base_since_cand = now, 0
     run.llr = 0.0
+    run.verdicts = {}
     error_test(run, rollout)
 
 
@@ -332,10 +369,11 @@ def _advance(run: Run, rollout: Rollout, reason: str, by: str, now: float) -> Tr
 def tick(run: Run, rollout: Rollout, now: float, dt: float, baseline_quality: float | None = None
          ) -> Transition | None:
     """One evaluation: `dt` seconds of running time have passed since the last one."""
+    if run.phase == RUNNING:
+        run.step_elapsed += max(0.0, dt)
     run.gates = evaluate(run, rollout, now, baseline_quality)
     if run.phase != RUNNING:
         return None
-    run.step_elapsed += max(0.0, dt)
     failed = [g for g in run.gates if g.status == FAIL]
     if failed:
         why = "; ".join(f"{g.name}: {g.detail}" for g in failed)
@@ -388,6 +426,9 @@ def command(run: Run, rollout: Rollout, action: str, now: float, full: bool = Fa
     if action == "retry":
         if phase == RUNNING:
             raise CommandError("the rollout is running; pause or abort it first")
+        if phase == PROMOTED:
+            raise CommandError("the rollout is promoted: its candidate is one of the pool's backends now; "
+                               "edit the rollout block to roll out again")
         why = "retried by the operator: from the first step"
         fresh = start(run.pool, rollout, now, why, "operator")
         fresh.history = [*run.history[-(HISTORY - 1):], *fresh.history]

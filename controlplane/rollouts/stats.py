@@ -474,7 +474,8 @@ def readout(a: ArmStats, b: ArmStats, expected_b_share: float, alpha: float = 0.
     for name, pick in (("ttfb_ms", "ttfb"), ("cost_per_request", "cost"), ("quality", "quality")):
         ma, mb = getattr(a, pick), getattr(b, pick)
         out[name] = _comparison(mean(ma), mean(mb), mean_diff(mb, ma, confidence))
-    by_users = a.users_seen > 0 and b.users_seen > 0
+    # Users while both arms still hold every one of theirs; past USERS_CAP the overflow counts requests.
+    by_users = a.users_seen > 0 and b.users_seen > 0 and not a.users_overflow and not b.users_overflow
     observed = [a.users_seen, b.users_seen] if by_users else [a.requests, b.requests]
     p = srm_p_value(observed, [1 - expected_b_share, expected_b_share])
     out["srm"] = {"unit": "users" if by_users else "requests", "observed": observed,

@@ -42,6 +42,7 @@ from ..rollouts.plan import SHADOW_HEADER, USER_HEADER
 log = logging.getLogger("controlplane.telemetry")
 
 USAGE_NS = "llm_lb.usage"
+STREAM_HEADER = "x-llm-stream"  # the body's `stream`, copied into a header by the listener (xds/resources.py)
 CHARS_PER_TOKEN = 4  # for estimates when a response carries no usage block
 MODEL_HEADER = "x-llm-model"  # the requested model: Envoy logs it via additional_request_headers_to_log
 CLIENT_HEADER = "x-llm-client"  # the caller's client name: set by Envoy from its key (never by the caller)
@@ -306,6 +307,7 @@ class Attempt(NamedTuple):
     ttfb_ms: float | None = None  # from the attempt's start to the backend's first byte
     request_bytes: int = 0  # the body sizes as the backend saw them (for the shadow's token estimate)
     response_bytes: int = 0
+    streamed: bool = False  # the request asked for a stream (SSE): its answer's bytes are mostly framing
 
     @property
     def failed(self) -> bool:
@@ -341,6 +343,7 @@ def parse_attempt(entry: accesslog_pb2.HTTPAccessLogEntry) -> Attempt:
         _ms(common.time_to_first_upstream_rx_byte) if common.HasField("time_to_first_upstream_rx_byte") else None,
         response.response_body_bytes,  # swapped, as said above: this is what was sent to the backend
         request.request_body_bytes,
+        bool(request_headers) and request_headers.get(STREAM_HEADER) == "true",
     )
 
 

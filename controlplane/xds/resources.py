@@ -71,6 +71,7 @@ from ..telemetry.accesslog import (
     MODEL_HEADER,
     MODEL_TAG,
     REQUEST_LOG,
+    STREAM_HEADER,
     USAGE_NS,
 )
 from . import typeurls
@@ -81,8 +82,7 @@ ROUTE_NAME = "ingress"
 METADATA_NS = "llm_lb"
 _MODEL_KEY = "model"  # endpoint metadata: the backend's own model name (rewrite, access-log tag)
 _TLS_MATCH_NS = "envoy.transport_socket_match"
-# Copied from the JSON body by the listener (any client-sent value is stripped first).
-STREAM_HEADER = "x-llm-stream"
+# Copied from the JSON body by the listener (any client-sent value is stripped first): STREAM_HEADER.
 # Set per attempt from the chosen endpoint's metadata, read and removed by the upstream rewrite.
 UPSTREAM_MODEL_HEADER = "x-llm-lb-model"
 USAGE_FILTER = "llm_lb.usage"
@@ -423,7 +423,7 @@ def attempts_log(xds_token: str) -> accesslog_pb2.AccessLog:
         filter=failed,
         typed_config=_any(als_pb2.HttpGrpcAccessLogConfig(
             common_config=_grpc_log_config(ATTEMPTS_LOG, xds_token, [_host_tag("backend", "backend")]),
-            additional_request_headers_to_log=[SHADOW_HEADER],
+            additional_request_headers_to_log=[SHADOW_HEADER, STREAM_HEADER],
             additional_response_headers_to_log=["retry-after"],
         )),
     )
