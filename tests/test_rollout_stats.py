@@ -316,3 +316,14 @@ def test_simulate_aa_false_alarms_stay_near_alpha():
     for metric, rate in rates.items():
         assert within(rate, alpha if metric != "srm" else stats.SRM_THRESHOLD, runs), (metric, rate)
     assert simulate_aa(5, 50, alpha) == simulate_aa(5, 50, alpha)
+
+
+def test_srm_counts_requests_once_an_arm_has_more_users_than_it_keeps() -> None:
+    a, b = ArmStats(), ArmStats()
+    for i in range(30):
+        a.observe_success(1.0, 10.0, 10.0, 1, 1, 0.0, f"a{i}")
+        b.observe_success(1.0, 10.0, 10.0, 1, 1, 0.0, f"b{i}")
+    assert readout(a, b, 0.5)["srm"]["unit"] == "users"  # type: ignore[index]
+    a.users_overflow = 5  # past the cap the overflow counts requests, not users: units would mix
+    srm = readout(a, b, 0.5)["srm"]
+    assert srm["unit"] == "requests" and srm["observed"] == [30, 30]  # type: ignore[index]

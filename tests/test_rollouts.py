@@ -426,3 +426,37 @@ def test_shadow_attempts_are_priced_and_compared_with_the_primary(tmp_path: Path
     assert report["shadow"]["report"]["shadow"]["tokens_out_per_request"] == 2000
     assert "quality" not in report["shadow"]["report"]["shadow"]
     assert report["shadow"]["overflow"] == 1
+
+
+def test_an_edit_of_the_candidate_backend_restarts_a_failed_rollout(tmp_path: Path) -> None:
+    rollouts = Rollouts(tmp_path, Engine(), clock=lambda: 1.0)
+    rollouts.sync(config({"candidate": "c", **FAST}))
+    rollouts.runs["chat"].phase = machine.FAILED
+    same = config({"candidate": "c", **FAST}, a={"url": "http://127.0.0.1:9001", "weight": 2},
+                  b={"url": "http://127.0.0.1:9002"}, c={"url": "http://127.0.0.1:9003"})
+    assert rollouts.sync(same) == {"chat": RolloutPlan("canary", "c", 0.0)}, "another backend's edit: still failed"
+    fixed = config({"candidate": "c", **FAST}, a={"url": "http://127.0.0.1:9001", "weight": 2},
+                   b={"url": "http://127.0.0.1:9002"}, c={"url": "http://127.0.0.1:9013"})
+    assert rollouts.sync(fixed) == {"chat": RolloutPlan("canary", "c", 0.1)}
+    assert "candidate edited" in rollouts.runs["chat"].reason
+
+
+def test_the_arms_count_4xx_and_keep_users_hashed(tmp_path: Path) -> None:
+    rollouts = Rollouts(tmp_path, Engine(), clock=lambda: 1.0)
+    rollouts.sync(config({"candidate": "c", "mode": "ab", "gates": {"ttfb_p95_ratio": None}}))
+    rollouts.observe(obs("c", 404, user="alice@example.com"), True, 0.0, 1.0)
+    rollouts.observe(obs("a", 200, user="bob"), True, 0.0, 1.0)
+    run = rollouts.runs["chat"]
+    assert (run.total_cand.requests, run.total_cand.failures) == (1, 1), "a 4xx the client saw is a failure"
+    assert run.cand.requests == 0, "an A/B test keeps its whole run only"
+    rollouts.save()
+    saved = (tmp_path / "rollouts.json").read_text()
+    assert "alice" not in saved and "bob" not in saved and run.total_cand.users_seen == 1
+
+
+@pytest.mark.parametrize(("rollout", "wanted"), [
+    ({"candidate": "c", "mode": "ab", "ab": {"user_header": "authorization"}}, "carries credentials"),
+    ({"candidate": "c", "mode": "ab", "baseline": ["a"]}, "splits the candidate's tier in two"),
+])
+def test_ab_settings_that_would_leak_or_mislead_are_refused(rollout: dict[str, Any], wanted: str) -> None:
+    assert wanted in errors_of(rollout)

@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,12 +83,16 @@ class Rollouts:
             if rollout is None:
                 continue
             fp = machine.fingerprint(rollout)
+            # The candidate's own config too (its URL, model, prices): fixing it is a reason to roll out again.
+            cand_fp = hashlib.sha256(pool.backends[rollout.candidate].model_dump_json().encode()).hexdigest()[:16]
             run = self.runs.get(name)
             if run is None and name in self._persisted and self._persisted[name].fingerprint == fp:
                 run = self._persisted[name]
                 if commit:
                     log.info("rollout %s: resumed %s at %s, step %d (%.0fs into it)", name, run.stage, run.phase,
                              run.step + 1, run.step_elapsed, extra={"pool": name})
+            if run is not None and run.candidate_fingerprint not in ("", cand_fp):
+                run = replace(run, fingerprint="")  # as if the block was edited: a fresh run below
             if run is None and self._unreadable:
                 # Its state is lost (it may have failed): the safe side is the candidate out of traffic.
                 why = (f"the rollout state could not be read ({self._unreadable}): stopped with the candidate out "
@@ -98,11 +103,13 @@ class Rollouts:
                 started.append(Transition(name, "none", machine.ABORTED, run.stage, 0, why, "config", now))
             elif run is None or run.fingerprint != fp:
                 edited = run is not None or name in self._persisted
-                why = "rollout block edited: restarted from the first step" if edited else "started"
+                why = "rollout block or candidate edited: restarted from the first step" if edited else "started"
                 history = run.history if run is not None else []
                 run = machine.start(name, rollout, now, why)
                 run.history = [*history[-(machine.HISTORY - 1):], *run.history]
                 started.append(Transition(name, "none", machine.RUNNING, run.stage, 0, why, "config", now))
+            if not run.candidate_fingerprint:
+                run.candidate_fingerprint = cand_fp
             kept[name] = run
         plans = _plans(config, kept)
         if not commit:

@@ -73,6 +73,7 @@ class Run:
     pool: str
     fingerprint: str
     stage: str  # canary | shadow | ab
+    candidate_fingerprint: str = ""  # the candidate backend's config, set by the controller: an edit restarts
     phase: str = RUNNING
     step: int = 0
     step_elapsed: float = 0.0  # seconds this step has run (not paused, not while the control plane was down)
@@ -104,7 +105,8 @@ class Run:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "pool": self.pool, "fingerprint": self.fingerprint, "stage": self.stage, "phase": self.phase,
+            "pool": self.pool, "fingerprint": self.fingerprint, "candidate_fingerprint": self.candidate_fingerprint,
+            "stage": self.stage, "phase": self.phase,
             "step": self.step, "step_elapsed": self.step_elapsed, "started_at": self.started_at,
             "changed_at": self.changed_at, "reason": self.reason, "cand": self.cand.to_dict(),
             "base": self.base.to_dict(), "total_cand": self.total_cand.to_dict(),
@@ -120,7 +122,8 @@ class Run:
         """A persisted run; the no-data clock starts again now (the time the control plane was down
         tells nothing about the candidate)."""
         return cls(
-            pool=str(data["pool"]), fingerprint=str(data["fingerprint"]), stage=str(data["stage"]),
+            pool=str(data["pool"]), fingerprint=str(data["fingerprint"]),
+            candidate_fingerprint=str(data.get("candidate_fingerprint", "")), stage=str(data["stage"]),
             phase=str(data["phase"]), step=int(data["step"]), step_elapsed=float(data["step_elapsed"]),
             started_at=float(data["started_at"]), changed_at=float(data["changed_at"]),
             reason=str(data.get("reason", "")), cand=ArmStats.from_dict(data["cand"]),
