@@ -38,6 +38,7 @@ DASHBOARD_METRICS = {
     "llm_lb_envoys_connected", "llm_lb_envoys_in_sync", "llm_lb_xds_nacks_total", "llm_lb_config_reloads_total",
     "llm_lb_access_log_ingest_lag_seconds", "llm_lb_alerts_total",
     "envoy_cluster_outlier_detection_ejections_active", "envoy_cluster_membership_healthy",
+    "llm_lb_rollout_candidate_share", "llm_lb_rollout_transitions_total", "llm_lb_rollout_gate",
 }
 PUBLISHED = {"controlplane": {8088}, "envoy": {10000, 9901}, "prometheus": {9090}, "grafana": {3000}}
 
