@@ -337,6 +337,9 @@ def test_shadow_passes_then_continues_as_canary() -> None:
     t = machine.tick(run, r, 10.0, 10.0)
     assert t is not None and run.stage == "canary" and run.step == 0 and run.phase == machine.RUNNING
     assert machine.plan(run, r) == RolloutPlan("canary", "c", 0.1)
+    assert run.shadow_arms is not None and run.shadow_arms[0].requests == 50 and run.total_cand.requests == 0
+    again = Run.from_dict(json.loads(json.dumps(run.to_dict())), 11.0)
+    assert again.shadow_arms is not None and again.shadow_arms[0].requests == 50, "the shadow's report survives"
 
 
 def test_shadow_budget_stops_the_mirror() -> None:
@@ -383,6 +386,7 @@ def test_controller_counts_attempts_once_and_survives_a_restart(tmp_path: Path) 
     assert again.sync(edited) == {"chat": RolloutPlan("canary", "c", 0.2)}
     assert again.runs["chat"].cand.requests == 0, "an edited block starts again"
     assert again.sync(config()) == {} and not again.runs
+    assert again.transitions[("chat", "removed")] == 1, "counted (and sent to the webhook) as a transition"
 
 
 def test_unreadable_state_is_kept_aside_and_the_candidate_kept_out(tmp_path: Path) -> None:

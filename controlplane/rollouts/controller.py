@@ -114,9 +114,11 @@ class Rollouts:
         plans = _plans(config, kept)
         if not commit:
             return plans
-        for name in set(self.runs) - set(kept):
-            log.info("rollout %s: removed from the config; its candidate is scored as any backend", name,
-                     extra={"pool": name})
+        for name in sorted(set(self.runs) - set(kept)):
+            old = self.runs[name]
+            self._announce(Transition(name, old.phase, "removed", old.stage, old.step,
+                                      "the rollout block was removed from the config: its candidate, if still "
+                                      "configured, is scored as any backend", "config", now))
         self._config, self.runs, self._persisted, self._unreadable = config, kept, {}, ""
         self._baselines = {name: frozenset(config.pools[name].rollout_baseline()) for name in kept}
         for t in started:
@@ -394,7 +396,8 @@ def _shadow_report(run: Run) -> dict[str, Any]:
     """The shadow against the primary, since the rollout began: errors, latency, tokens and cost (not
     quality: nobody sees the shadow's answers to rate them)."""
     out = {}
-    for label, arm in (("shadow", run.total_cand), ("primary", run.total_base)):
+    shadow, primary = run.shadow_arms or (run.total_cand, run.total_base)
+    for label, arm in (("shadow", shadow), ("primary", primary)):
         ok = max(1, arm.requests - arm.failures)
         out[label] = {**_arm(arm), "tokens_in_per_request": round(arm.tokens_in / ok, 1),
                       "tokens_out_per_request": round(arm.tokens_out / ok, 1), "spend": round(arm.spend, 6)}

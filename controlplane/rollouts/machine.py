@@ -96,6 +96,7 @@ class Run:
     shadow_spend: float = 0.0  # USD of the candidate's shadow answers
     # Mirroring stopped for the budget (latched: the spend still arriving must not start it again).
     shadow_stopped: bool = False
+    shadow_arms: tuple[ArmStats, ArmStats] | None = None  # (shadow, primary) once a shadow went on as a canary
     quiet_since: float = 0.0  # the candidate's last request (or the step's start, a resume, a restart)
     base_since_cand: int = 0  # baseline requests since then
     gates: list[Gate] = field(default_factory=list)  # as last evaluated
@@ -115,6 +116,7 @@ class Run:
             "verdicts": {name: list(v) for name, v in self.verdicts.items()},
             "shadow_spend": self.shadow_spend,
             "shadow_stopped": self.shadow_stopped, "history": self.history[-HISTORY:],
+            "shadow_arms": [a.to_dict() for a in self.shadow_arms] if self.shadow_arms else None,
         }
 
     @classmethod
@@ -133,7 +135,9 @@ class Run:
             bounds=(float(data["bounds"][0]), float(data["bounds"][1])) if data.get("bounds") else (-math.inf, math.inf),
             verdicts={str(k): (str(v[0]), str(v[1])) for k, v in dict(data.get("verdicts") or {}).items()},
             shadow_spend=float(data.get("shadow_spend", 0.0)),
-            shadow_stopped=bool(data.get("shadow_stopped", False)), quiet_since=now, history=list(data.get("history", [])),
+            shadow_stopped=bool(data.get("shadow_stopped", False)), quiet_since=now,
+            shadow_arms=((ArmStats.from_dict(data["shadow_arms"][0]), ArmStats.from_dict(data["shadow_arms"][1]))
+                         if data.get("shadow_arms") else None), history=list(data.get("history", [])),
         )
 
 
@@ -357,6 +361,9 @@ def _advance(run: Run, rollout: Rollout, reason: str, by: str, now: float) -> Tr
     if run.stage == "shadow":
         assert rollout.shadow is not None
         if rollout.shadow.then == "canary" or by == "operator":
+            # The shadow's arms are kept for its report; the canary's run starts empty.
+            run.shadow_arms = (run.total_cand, run.total_base)
+            run.total_cand, run.total_base = ArmStats(), ArmStats()
             run.stage, run.step = "canary", 0
             _new_step(run, rollout, now)
             return _move(run, RUNNING, f"{reason}; canary from the first step ({rollout.steps[0]:g}%)", by, now)
