@@ -140,7 +140,11 @@ def test_a_429_with_retry_after_takes_the_backend_out_for_that_long(tmp_path, mo
         assert explained["cooling"]["retry_after"] == "3", explained
         assert explained["reason"].startswith("cooling: answered 429 with Retry-After '3'"), explained
 
+        # A request counts as sent while cooling when Envoy showed the backend DRAINING before it was sent and
+        # still after its answer came (Envoy's state does not flap): the one sent as the cooldown ends may
+        # rightly reach it, and on a busy machine the gap between the check and the request is wide.
         during: Counter[str] = Counter()
+        edge: Counter[str] = Counter()
         conn = http.client.HTTPConnection(cp.listener, timeout=10)
         while eds_health() == "DRAINING":
             assert time.monotonic() - limited_at < 10, "still cooling after 10 s"
@@ -148,10 +152,10 @@ def test_a_429_with_retry_after_takes_the_backend_out_for_that_long(tmp_path, mo
             resp = conn.getresponse()
             resp.read()
             statuses[resp.status] += 1
-            during[resp.getheader("x-backend", "?")] += 1
+            (during if eds_health() == "DRAINING" else edge)[resp.getheader("x-backend", "?")] += 1
             time.sleep(0.02)
         back_after = time.monotonic() - limited_at
-        assert requests_of(limited) == arrived, "no request reached it while it was cooling"
+        assert requests_of(limited) - arrived <= edge["limited"], "no request reached it while it was cooling"
         assert set(during) == {"other"} and sum(during.values()) >= 20, during
 
         wait_for(lambda: http_json("GET", f"{cp.api}/v1/pools/chat/weights")[1]["backends"]["limited"]["cooling"]
