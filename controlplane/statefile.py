@@ -37,10 +37,18 @@ def load(path: Path) -> PersistedState:
         drained = {(str(d["pool"]), str(d["backend"])) for d in data.get("drained", [])}
         return PersistedState(drained=drained)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        path.replace(aside)
-        log.error("state file %s is unreadable (%s); kept it as %s and started empty", path, exc, aside)
+        log.error("state file %s is unreadable (%s); %s and started empty", path, exc, keep_aside(path))
         return PersistedState()
+
+
+def keep_aside(path: Path) -> str:
+    """Move an unreadable file out of the way (kept for a human to look at); says where it went."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        path.replace(aside)
+    except OSError as exc:
+        return f"left it in place ({exc.strerror or exc})"
+    return f"kept it as {aside}"
 
 
 def save(path: Path, state: PersistedState) -> None:

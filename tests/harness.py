@@ -272,6 +272,27 @@ class StandaloneEnvoy:
         self._log.close()
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m controlplane ARGS`, with `env` on top of this process's environment."""
+    return subprocess.run([sys.executable, "-m", "controlplane", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def stream_from(conn: http.client.HTTPConnection, backend: str, tries: int = 20) -> http.client.HTTPResponse:
+    """A streamed completion open on `backend` (its first event read): streams are asked for until one lands
+    there, the others read to their end."""
+    body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "long story"}]})
+    for _ in range(tries):
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+        stream = conn.getresponse()
+        if stream.getheader("x-backend") == backend:
+            break
+        stream.read()
+    assert stream.getheader("x-backend") == backend
+    assert stream.readline().startswith(b"data: ")
+    return stream
+
+
 def chat_body(stream: bool = False, model: str = "mock-model") -> bytes:
     return json.dumps({"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]}).encode()
 

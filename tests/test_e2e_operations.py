@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from .harness import ROOT, ControlPlane, Load, MockBackend, StandaloneEnvoy, spread, wait_for
+from .harness import ControlPlane, Load, MockBackend, StandaloneEnvoy, cli, spread, stream_from, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "controlplane", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
 
 
 def pools(a: MockBackend, b: MockBackend) -> dict:
@@ -32,15 +23,7 @@ def test_drained_backend_takes_no_new_requests_while_its_stream_completes(tmp_pa
     cp = ControlPlane(tmp_path, pools(a, b))
     conn = http.client.HTTPConnection(cp.listener, timeout=30)
     try:
-        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "long story"}]})
-        for _ in range(10):  # until round robin lands the stream on a
-            conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
-            stream = conn.getresponse()
-            if stream.getheader("x-backend") == "a":
-                break
-            stream.read()
-        assert stream.getheader("x-backend") == "a"
-        assert stream.readline().startswith(b"data: ")
+        stream = stream_from(conn, "a")
 
         drained = cli("drain", "chat", "a", "--api", cp.api)
         assert drained.returncode == 0, drained.stderr

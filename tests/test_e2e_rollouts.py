@@ -9,10 +9,7 @@ from __future__ import annotations
 import copy
 import http.client
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -23,16 +20,17 @@ import pytest
 from controlplane.rollouts.stats import binomial_range
 
 from .harness import (
-    ROOT,
     ControlPlane,
     Load,
     MockBackend,
     StandaloneEnvoy,
     WebhookReceiver,
     chat_body,
+    cli,
     free_port,
     http_json,
     spread,
+    stream_from,
     wait_for,
 )
 
@@ -57,11 +55,6 @@ def wait_phase(cp: ControlPlane, phase: str, pool: str = "chat", timeout: float 
 def tier_weights(cp: ControlPlane, cluster: str = "chat") -> dict[int, int]:
     """Envoy's weights for the cluster's hosts, by port."""
     return {port: host["weight"] for port, host in cp.envoy_hosts(cluster).items()}
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "controlplane", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
 
 
 def canary_pool(base: list[MockBackend], cand: MockBackend, **settings: Any) -> dict[str, Any]:
@@ -261,15 +254,7 @@ def test_operator_commands_and_abort_reaching_envoy_while_a_stream_finishes(tmp_
         # An open stream to the candidate, then abort: Envoy drops the candidate within a second and the
         # stream still finishes.
         conn = http.client.HTTPConnection(cp.listener, timeout=30)
-        body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "story"}]})
-        for _ in range(20):
-            conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
-            stream = conn.getresponse()
-            if stream.getheader("x-backend") == "c":
-                break
-            stream.read()
-        assert stream.getheader("x-backend") == "c"
-        assert stream.readline().startswith(b"data: ")
+        stream = stream_from(conn, "c")
         request = urllib.request.Request(f"{cp.api}/v1/rollouts/chat/abort", data=b"{}", method="POST",
                                          headers={"authorization": f"Bearer {token}",
                                                   "content-type": "application/json"})

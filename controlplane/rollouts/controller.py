@@ -25,7 +25,7 @@ from ..alerts import Alerter
 from ..config import Config
 from ..config.model import Rollout
 from ..scoring.engine import Engine, request_cost
-from ..statefile import atomic_write
+from ..statefile import atomic_write, keep_aside
 from ..telemetry.accesslog import CHARS_PER_TOKEN, Attempt, Observation
 from . import machine
 from .machine import ACTIVE, CommandError, Run, Transition
@@ -65,7 +65,6 @@ class Rollouts:
         self._last_tick: float | None = None
         self._shadow_costs: dict[str, deque[tuple[float, float]]] = {}  # pool -> (at, cost) of recent shadows
         self.shadow_overflow: dict[str, int] = {}  # pool -> mirrored requests its breaker refused (max_requests)
-        self._dirty = False
         self._saved_at = 0.0
         self._unreadable = ""  # why the state file could not be read, until the first sync has acted on it
         self._persisted = self._load()
@@ -123,7 +122,7 @@ class Rollouts:
         self._baselines = {name: frozenset(config.pools[name].rollout_baseline()) for name in kept}
         for t in started:
             self._announce(t)
-        self.watched = frozenset(n for n, r in kept.items() if r.phase in ACTIVE)
+        self._watch()
         self.save()
         return plans
 
@@ -204,10 +203,11 @@ class Rollouts:
         while recent and recent[0][0] < at - RESERVE_SECONDS:
             recent.popleft()
         assert rollout.shadow is not None
-        if not run.shadow_stopped and run.shadow_spend + sum(c for _, c in recent) >= rollout.shadow.budget:
+        reserve = sum(c for _, c in recent)
+        if not run.shadow_stopped and run.shadow_spend + reserve >= rollout.shadow.budget:
             run.shadow_stopped = True
             log.warning("rollout %s: shadow spend %.4f USD (+%.4f in the last %gs) reaches its budget of %g USD: "
-                        "mirroring stops", run.pool, run.shadow_spend, sum(c for _, c in recent), RESERVE_SECONDS,
+                        "mirroring stops", run.pool, run.shadow_spend, reserve, RESERVE_SECONDS,
                         rollout.shadow.budget, extra={"pool": run.pool})
             self._propose()  # now, not at the next tick
 
@@ -217,11 +217,9 @@ class Rollouts:
             return
         rollout = self._rollout(pool)
         if backend == rollout.candidate:
-            run.total_cand.observe_feedback(score)
-            run.cand.observe_feedback(score)
+            machine.observe_feedback(run, True, score)
         elif machine.is_baseline(run, rollout, backend, self._baselines[pool]):
-            run.total_base.observe_feedback(score)
-            run.base.observe_feedback(score)
+            machine.observe_feedback(run, False, score)
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -239,7 +237,7 @@ class Rollouts:
                 self._announce(t)
         if done:
             self._changed()
-        elif (self._dirty or self.watched) and now - self._saved_at >= SAVE_INTERVAL:
+        elif self.watched and now - self._saved_at >= SAVE_INTERVAL:
             self.save(now)  # a running step's time and statistics, at most SAVE_INTERVAL old after a crash
         return done
 
@@ -268,8 +266,11 @@ class Rollouts:
         values = [st.quality for n in names if (st := self.engine.stats.get((pool, n))) is not None]
         return sum(values) / len(values) if values else None
 
-    def _changed(self) -> None:
+    def _watch(self) -> None:
         self.watched = frozenset(n for n, r in self.runs.items() if r.phase in ACTIVE)
+
+    def _changed(self) -> None:
+        self._watch()
         self._propose()
         self.save()
 
@@ -297,7 +298,6 @@ class Rollouts:
         except OSError:
             log.exception("cannot write %s; the rollouts' state would not survive a restart", self.path)
             return
-        self._dirty = False
         self._saved_at = self.clock() if now is None else now
 
     def _load(self) -> dict[str, Run]:
@@ -308,12 +308,7 @@ class Rollouts:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             return {str(name): Run.from_dict(run, now) for name, run in data["rollouts"].items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(now)}")
-            try:
-                self.path.replace(aside)
-                kept = f"kept as {aside.name}"
-            except OSError as move:
-                kept = f"left in place: {move.strerror or move}"
+            kept = keep_aside(self.path)
             self._unreadable = f"{type(exc).__name__}, {kept}"
             log.error("rollout state %s is unreadable (%s); %s. Every rollout stops with its candidate out of "
                       "traffic until `controlplane rollout retry POOL`", self.path, exc, kept)

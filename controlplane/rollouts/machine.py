@@ -192,28 +192,41 @@ def is_baseline(run: Run, rollout: Rollout, backend: str, baseline: frozenset[st
     return backend != rollout.candidate and (run.stage == "shadow" or backend in baseline)
 
 
+def _filled(run: Run, candidate: bool) -> tuple[ArmStats, ...]:
+    """The arms an observation goes to: the step's and the run's; an A/B test keeps its whole run only."""
+    if candidate:
+        return (run.total_cand,) if run.stage == "ab" else (run.cand, run.total_cand)
+    return (run.total_base,) if run.stage == "ab" else (run.base, run.total_base)
+
+
+def _record(run: Run, candidate: bool, at: float, ok: bool, ttfb_ms: float | None, latency_ms: float,
+            prompt: int, completion: int, cost: float, user: str | None) -> None:
+    for arm in _filled(run, candidate):
+        if ok:
+            arm.observe_success(at, ttfb_ms, latency_ms, completion, prompt, cost, user)
+        else:
+            arm.observe_failure(at, user)
+
+
 def observe_candidate(run: Run, at: float, ok: bool, ttfb_ms: float | None, latency_ms: float, prompt: int,
                       completion: int, cost: float, user: str | None) -> None:
     if run.rates is not None and run.bounds[0] < run.llr < run.bounds[1]:  # undecided: Wald's test goes on
         p0, p1 = run.rates
         run.llr += math.log(p1 / p0) if not ok else math.log((1 - p1) / (1 - p0))
-    for arm in ((run.total_cand,) if run.stage == "ab" else (run.cand, run.total_cand)):
-        if ok:
-            arm.observe_success(at, ttfb_ms, latency_ms, completion, prompt, cost, user)
-        else:
-            arm.observe_failure(at, user)
+    _record(run, True, at, ok, ttfb_ms, latency_ms, prompt, completion, cost, user)
     run.quiet_since = max(run.quiet_since, at)
     run.base_since_cand = 0
 
 
 def observe_baseline(run: Run, at: float, ok: bool, ttfb_ms: float | None, latency_ms: float, prompt: int,
                      completion: int, cost: float, user: str | None) -> None:
-    for arm in ((run.total_base,) if run.stage == "ab" else (run.base, run.total_base)):
-        if ok:
-            arm.observe_success(at, ttfb_ms, latency_ms, completion, prompt, cost, user)
-        else:
-            arm.observe_failure(at, user)
+    _record(run, False, at, ok, ttfb_ms, latency_ms, prompt, completion, cost, user)
     run.base_since_cand += 1
+
+
+def observe_feedback(run: Run, candidate: bool, score: float) -> None:
+    for arm in _filled(run, candidate):
+        arm.observe_feedback(score)
 
 
 # -- the gates ----------------------------------------------------------------------------------------

@@ -149,11 +149,23 @@ def pool_endpoints(name: str, pool: Pool, weights: Mapping[str, int], addresses:
     out: dict[str, Message] = {
         name: load_assignment(name, pool, rollout_plan.weights(pool, weights, plan, drained), addresses, drained)}
     if _shadows(pool):
-        assert pool.rollout is not None
-        candidate = pool.rollout.candidate
-        alone = pool.model_copy(update={"backends": {candidate: pool.backends[candidate]}})
-        out[shadow_cluster(name)] = load_assignment(shadow_cluster(name), alone, {candidate: 1}, addresses)
+        alone = _shadow_pool(pool)
+        out[shadow_cluster(name)] = load_assignment(shadow_cluster(name), alone, dict.fromkeys(alone.backends, 1),
+                                                    addresses)
     return out
+
+
+def _shadow_pool(pool: Pool) -> Pool:
+    """The pool as its shadow cluster serves it: the candidate alone, no health checks, no ejection, round
+    robin, and a small circuit breaker (a slow shadow cannot pile up requests; none is retried)."""
+    assert pool.rollout is not None and pool.rollout.shadow is not None
+    candidate, limit = pool.rollout.candidate, pool.rollout.shadow.max_requests
+    return pool.model_copy(update={
+        "backends": {candidate: pool.backends[candidate]}, "health_check": None, "strategy": "weighted",
+        "outlier_detection": OutlierDetection(enabled=False),
+        "circuit_breaker": CircuitBreaker(max_connections=limit, max_pending_requests=limit, max_requests=limit,
+                                          max_retries=0, retry_budget=None),
+    })
 
 
 def _shadows(pool: Pool) -> bool:
@@ -822,18 +834,8 @@ def cluster(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
 
 
 def shadow_cluster_resource(name: str, pool: Pool, config: Config) -> cluster_pb2.Cluster:
-    """The candidate alone, for mirrored requests: the pool's TLS and credentials, no health checks, no
-    ejection, and a small circuit breaker (a slow shadow cannot pile up requests; none is retried)."""
-    assert pool.rollout is not None and pool.rollout.shadow is not None
-    candidate = pool.rollout.candidate
-    alone = pool.model_copy(update={"backends": {candidate: pool.backends[candidate]}, "health_check": None})
-    out = cluster(shadow_cluster(name), alone, config)
-    out.ClearField("outlier_detection")
-    out.lb_policy = cluster_pb2.Cluster.ROUND_ROBIN
-    limit = pool.rollout.shadow.max_requests
-    out.circuit_breakers.CopyFrom(circuit_breakers(CircuitBreaker(
-        max_connections=limit, max_pending_requests=limit, max_requests=limit, max_retries=0, retry_budget=None)))
-    return out
+    """The candidate alone, for mirrored requests, with the pool's TLS and credentials (_shadow_pool)."""
+    return cluster(shadow_cluster(name), _shadow_pool(pool), config)
 
 
 def health_check(check: HealthCheck) -> health_check_pb2.HealthCheck:
